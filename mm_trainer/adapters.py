@@ -1,0 +1,66 @@
+"""Enumerate the LoRA adapters of a PEFT model: one entry per adapted module, with its A and B parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .towers import TowerMap, strip_peft_prefix
+
+
+@dataclass
+class LoraAdapter:
+    """One adapted module.
+
+    Attributes:
+        name: Path of the adapted module in the base model (``model.language_model.layers.0.self_attn.q_proj``).
+        tower: Its tower.
+        module: The PEFT LoRA layer.
+        lora_A: Parameter of A (``r x in``; for embeddings PEFT's ``lora_embedding_A``).
+        lora_B: Parameter of B (``out x r``).
+    """
+
+    name: str
+    tower: str
+    module: nn.Module
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    @property
+    def params(self) -> int:
+        """Trainable parameters of this adapter (A and B)."""
+        return self.lora_A.numel() + self.lora_B.numel()
+
+
+def _adapter_weights(module: nn.Module, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter] | None:
+    lora_a = getattr(module, "lora_A", None)
+    lora_b = getattr(module, "lora_B", None)
+    if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a and adapter_name in lora_b:
+        return lora_a[adapter_name].weight, lora_b[adapter_name].weight
+    emb_a = getattr(module, "lora_embedding_A", None)
+    emb_b = getattr(module, "lora_embedding_B", None)
+    if isinstance(emb_a, nn.ParameterDict) and adapter_name in emb_a and adapter_name in emb_b:
+        return emb_a[adapter_name], emb_b[adapter_name]
+    return None
+
+
+def lora_adapters(
+    model: nn.Module, tower_map: TowerMap | None = None, adapter_name: str = "default"
+) -> list[LoraAdapter]:
+    """Every LoRA-adapted module of ``model`` (a ``PeftModel`` or a model holding PEFT LoRA layers), in model order.
+
+    Args:
+        model: The PEFT-wrapped model.
+        tower_map: Tower map of the base model, to tag each adapter with its tower (``"other"`` without one).
+        adapter_name: The PEFT adapter to enumerate.
+    """
+    out: list[LoraAdapter] = []
+    for path, module in model.named_modules():
+        weights = _adapter_weights(module, adapter_name)
+        if weights is None:
+            continue
+        name = strip_peft_prefix(path)
+        tower = tower_map.tower_of(name) if tower_map is not None else "other"
+        out.append(LoraAdapter(name, tower, module, weights[0], weights[1]))
+    return out

@@ -1,0 +1,1 @@
+"""The ``mm-trainer`` command line: ``plan``, ``audit`` and ``compare``."""

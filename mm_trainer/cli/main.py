@@ -1,0 +1,31 @@
+"""Entry point of the ``mm-trainer`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import plan as plan_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mm-trainer`` argument parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="mm-trainer",
+        description="Multimodal LoRA fine-tuning tools: plan targets, audit adapters, compare runs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plan_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mm-trainer`` and return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

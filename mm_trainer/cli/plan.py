@@ -1,0 +1,123 @@
+"""``mm-trainer plan MODEL_OR_DIR``: the LoRA target plan from ``config.json`` alone (meta device, no weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+_REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")
+
+
+def add_parser(sub: Any) -> None:
+    """Register the ``plan`` sub-command."""
+    p = sub.add_parser(
+        "plan",
+        help="Show, per tower, where LoRA adapters would go for a model and data modality (reads config.json only).",
+        description="Build the model from its config on the meta device (no weight is read) and print, per tower, "
+        "its linear modules, base params, LoRA params at rank r, what is targeted or excluded and why, and the "
+        "share of the LoRA budget an unfiltered config would waste.",
+    )
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="A model directory, a config.json file, or a Hub id.")
+    p.add_argument(
+        "--modality",
+        default="text",
+        help="Modalities of the training data, comma-separated: text, image, video, audio (default: text).",
+    )
+    p.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help='LoRA target_modules: "all-linear" (default), a comma-separated suffix list (q_proj,v_proj), or a '
+        "full-path regex.",
+    )
+    p.add_argument("--target-towers", default="auto", help='"auto" (follow the data) or comma-separated towers.')
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r for the budget columns (default: 16).")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow configs that ship custom code.")
+    p.add_argument("--json", action="store_true", help="Print the plan as JSON instead of a table.")
+    p.set_defaults(func=run)
+
+
+def parse_target_modules(text: str) -> str | list[str]:
+    """``"all-linear"`` and regexes stay strings; ``"q_proj,v_proj"`` becomes a list."""
+    text = text.strip()
+    if text.lower() == "all-linear" or _REGEX_CHARS.search(text):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def load_config(model: str, trust_remote_code: bool = False) -> Any:
+    """The model config from a directory, a ``config.json`` path, or a Hub id (cached or online)."""
+    from transformers import AutoConfig
+
+    path = Path(model)
+    if path.is_file():
+        path = path.parent
+    return AutoConfig.from_pretrained(str(path) if path.exists() else model, trust_remote_code=trust_remote_code)
+
+
+def model_class_for(config: Any) -> type:
+    """The transformers class the config's ``architectures`` names, or the best auto class for it."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel):
+        mapping = auto._model_mapping
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise ValueError(
+        f"Cannot tell which model class builds a {type(config).__name__}: set `architectures` in config.json."
+    )
+
+
+def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
+    """Instantiate the model on the meta device: full module tree, no weight memory."""
+    import torch
+
+    with torch.device("meta"):
+        if trust_remote_code and getattr(config, "auto_map", None):
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        return model_class_for(config)._from_config(config)
+
+
+def build_plan(args: argparse.Namespace) -> Any:
+    """The :class:`~mm_trainer.targets.TargetPlan` for the command-line arguments."""
+    from ..modality import ModalityProfile
+    from ..targets import TargetSpec, resolve_targets
+
+    config = load_config(args.model, args.trust_remote_code)
+    model = meta_model(config, args.trust_remote_code)
+    profile = ModalityProfile.declare(m.strip() for m in args.modality.split(",") if m.strip())
+    lora = TargetSpec(r=args.rank, target_modules=parse_target_modules(args.target_modules))
+    plan = resolve_targets(model, lora, profile, target_towers=args.target_towers, dead_targets="drop")
+    return plan, type(model).__name__
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mm-trainer plan``."""
+    if args.rank < 1:
+        print(f"mm-trainer plan: --rank must be >= 1, got {args.rank}", file=sys.stderr)
+        return 2
+    try:
+        plan, class_name = build_plan(args)
+    except (OSError, ValueError) as err:
+        print(f"mm-trainer plan: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"model": args.model, "model_class": class_name, **plan.to_dict()}
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    from ..plan_report import console, print_plan
+
+    print_plan(plan, console(), title=f"{args.model} ({class_name}) - LoRA r={args.rank}, data: {args.modality}")
+    return 0

@@ -1,0 +1,72 @@
+"""Render a :class:`~mm_trainer.targets.TargetPlan` as a ``rich`` table (trainer start-up and ``mm-trainer plan``)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .targets import TargetPlan
+
+
+def human(n: float) -> str:
+    """Compact count: 1234 -> 1.2K, 7.1e9 -> 7.1B."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def plan_table(plan: TargetPlan, title: str | None = None) -> Table:
+    """The per-tower table: linear layers, base params, LoRA params kept / dropped at the plan's rank, and why."""
+    table = Table(title=title or f"mm-trainer target plan (LoRA r={plan.rank})", title_justify="left")
+    table.add_column("tower")
+    table.add_column("linear", justify="right")
+    table.add_column("base params", justify="right")
+    table.add_column("reached", justify="center")
+    table.add_column("matched", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("LoRA kept", justify="right")
+    table.add_column("dropped", justify="right")
+    table.add_column("LoRA dropped", justify="right")
+    table.add_column("why")
+    for row in plan.tower_rows():
+        table.add_row(
+            row["tower"],
+            str(row["linear_modules"]),
+            human(row["base_params"]),
+            "yes" if row["reached"] else "no",
+            str(row["matched"]),
+            str(row["kept"]),
+            human(row["lora_params_kept"]),
+            str(row["dropped"]),
+            human(row["lora_params_dropped"]),
+            row["why"],
+        )
+    return table
+
+
+def plan_summary(plan: TargetPlan) -> str:
+    """One line on the budget an unfiltered config would waste."""
+    total = sum(d.lora_params for d in plan.decisions)
+    dead = sum(d.lora_params for d in plan.decisions if d.dead)
+    kept = sum(d.lora_params for d in plan.decisions if d.kept)
+    return (
+        f"target_modules={plan.user_target_modules!r} matches {len(plan.decisions)} modules ({human(total)} LoRA "
+        f"params); {human(dead)} ({plan.wasted_share():.1%}) would sit on modules the data never reaches. "
+        f"Adapting {len(plan.kept())} modules, {human(kept)} LoRA params."
+    )
+
+
+def console() -> Console:
+    """A console wide enough for the plan table also when output goes to a file or a pipe."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
+
+
+def print_plan(plan: TargetPlan, out: Console | None = None, title: str | None = None) -> None:
+    """Print the table, the summary and the plan's warnings."""
+    out = out or console()
+    out.print(plan_table(plan, title))
+    out.print(plan_summary(plan))
+    for warning in plan.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")

@@ -1,0 +1,448 @@
+"""Target resolution: turn the user's ``LoraConfig`` into one that names exactly the modules the data reaches."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .modality import ModalityProfile
+from .probe import ProbeResult
+from .towers import TOWERS, TowerMap, map_towers
+
+logger = logging.getLogger(__name__)
+
+DEAD_TARGET_POLICIES: tuple[str, ...] = ("drop", "warn", "error")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class TargetDecision:
+    """What happened to one module the user's ``target_modules`` matched.
+
+    Attributes:
+        name: Module path in the base model.
+        tower: Its tower.
+        kept: Whether the resolved config adapts it.
+        reason: Why it was kept or dropped, in words.
+        lora_params: Parameters a LoRA adapter on it costs at the config's rank.
+        dead: Whether the data does not reach it (kept anyway under ``dead_targets="warn"`` or forced towers).
+    """
+
+    name: str
+    tower: str
+    kept: bool
+    reason: str
+    lora_params: int
+    dead: bool = False
+
+
+@dataclass
+class TargetPlan:
+    """The resolved targets, with the per-tower account of what was kept, what was dropped and why.
+
+    Attributes:
+        peft_config: A copy of the user's config whose ``target_modules`` is the exact set of kept module paths
+            (``None`` when the PEFT method takes no ``target_modules``; the user's config is then used unchanged).
+        decisions: One entry per module the user's config matched, in model order.
+        selected_towers: Towers adapters may go on.
+        target_towers: The ``target_towers`` setting (``"auto"`` or the user's list).
+        profile: The data's modality profile.
+        tower_map: The model's tower map.
+        probe: The reachability probe, when it ran.
+        rank: LoRA rank used for the budget columns.
+        user_target_modules: The ``target_modules`` the user asked for, as given.
+    """
+
+    peft_config: Any
+    decisions: list[TargetDecision]
+    selected_towers: list[str]
+    target_towers: str | list[str]
+    profile: ModalityProfile
+    tower_map: TowerMap
+    probe: ProbeResult | None = None
+    rank: int = 8
+    user_target_modules: Any = None
+    warnings: list[str] = field(default_factory=list)
+
+    def kept(self) -> list[str]:
+        """Paths of the modules the resolved config adapts."""
+        return [d.name for d in self.decisions if d.kept]
+
+    def dropped(self) -> list[str]:
+        """Paths the user's config matched that the resolved config leaves out."""
+        return [d.name for d in self.decisions if not d.kept]
+
+    def dead_kept(self) -> list[str]:
+        """Paths kept although the data does not reach them (``dead_targets="warn"`` or forced towers)."""
+        return [d.name for d in self.decisions if d.kept and d.dead]
+
+    def wasted_share(self) -> float:
+        """Share of the unfiltered LoRA budget (everything the user's config matched) the data never reaches."""
+        total = sum(d.lora_params for d in self.decisions)
+        dead = sum(d.lora_params for d in self.decisions if d.dead)
+        return dead / total if total else 0.0
+
+    def tower_rows(self) -> list[dict[str, Any]]:
+        """Per tower: linear layers, base params, matched / kept / dropped counts and LoRA params, and why."""
+        rows = []
+        for tower in TOWERS:
+            linears = [i for i in self.tower_map.linears.values() if i.tower == tower]
+            mine = [d for d in self.decisions if d.tower == tower]
+            if not linears and not mine:
+                continue
+            kept = [d for d in mine if d.kept]
+            dropped = [d for d in mine if not d.kept]
+            reasons = sorted({d.reason for d in dropped}) or sorted({d.reason for d in kept})
+            rows.append(
+                {
+                    "tower": tower,
+                    "linear_modules": len(linears),
+                    "base_params": sum(i.params for i in linears),
+                    "matched": len(mine),
+                    "kept": len(kept),
+                    "dropped": len(dropped),
+                    "lora_params_kept": sum(d.lora_params for d in kept),
+                    "lora_params_dropped": sum(d.lora_params for d in dropped),
+                    "reached": tower in self.reached_towers(),
+                    "why": "; ".join(reasons),
+                }
+            )
+        return rows
+
+    def reached_towers(self) -> set[str]:
+        """Towers the data reaches, from the profile (and the output head, which every token reaches)."""
+        return self.profile.reached_towers() | {"output"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready plan (used by ``mm-trainer plan --json`` and the audit)."""
+        return {
+            "target_towers": self.target_towers,
+            "selected_towers": self.selected_towers,
+            "user_target_modules": _jsonable_targets(self.user_target_modules),
+            "rank": self.rank,
+            "profile": self.profile.to_dict(),
+            "towers": self.tower_rows(),
+            "kept": self.kept(),
+            "dropped": [{"name": d.name, "tower": d.tower, "reason": d.reason} for d in self.decisions if not d.kept],
+            "dead_kept": self.dead_kept(),
+            "wasted_share_unfiltered": self.wasted_share(),
+            "lora_params_kept": sum(d.lora_params for d in self.decisions if d.kept),
+            "lora_params_unfiltered": sum(d.lora_params for d in self.decisions),
+            "probe": self.probe.to_dict() if self.probe is not None else None,
+            "tower_map": self.tower_map.to_dict(),
+            "warnings": list(self.warnings),
+        }
+
+
+def _jsonable_targets(targets: Any) -> Any:
+    if isinstance(targets, (set, frozenset, tuple)):
+        return sorted(targets)
+    return targets
+
+
+def validate_target_towers(target_towers: str | Sequence[str]) -> str | list[str]:
+    """Check a ``target_towers`` value: ``"auto"`` or a non-empty list of names from :data:`TOWERS`."""
+    if isinstance(target_towers, str):
+        if target_towers == "auto":
+            return "auto"
+        target_towers = [t.strip() for t in target_towers.split(",") if t.strip()]
+    towers = list(target_towers)
+    if not towers:
+        raise ValueError('`target_towers` is empty. Use "auto" or a list such as ["language", "vision"].')
+    unknown = [t for t in towers if t not in TOWERS]
+    if unknown:
+        raise ValueError(
+            f'Unknown tower name(s) {unknown} in `target_towers`. Valid names: {list(TOWERS)}, or "auto" to follow '
+            "the data."
+        )
+    return towers
+
+
+@dataclass
+class TargetSpec:
+    """The target-selection fields of a PEFT config, for planning without importing PEFT (``mm-trainer plan``).
+
+    Matching follows PEFT's rules exactly (see :func:`target_matches`); a ``LoraConfig`` can be used wherever a
+    ``TargetSpec`` is.
+    """
+
+    target_modules: Any = None
+    r: int = 8
+    exclude_modules: Any = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
+    modules_to_save: Any = None
+    target_parameters: Any = None
+
+
+def _suffix_match(patterns: Any, key: str) -> bool:
+    return key in patterns or any(key.endswith(f".{p}") for p in patterns)
+
+
+def target_matches(spec: Any, key: str) -> bool:
+    """Whether a module path is selected by a PEFT config's target fields, with PEFT's own rules.
+
+    A string ``target_modules`` is a regex that must match the whole path; a list matches a path exactly or as a
+    ``.suffix``. ``exclude_modules`` (same two forms) and ``modules_to_save`` exclude; ``layers_to_transform`` with
+    ``layers_pattern`` keeps only the given layer indices (the first numbered path segment after the pattern).
+    """
+    exclude = getattr(spec, "exclude_modules", None)
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, key):
+            return False
+        if not isinstance(exclude, str) and _suffix_match(exclude, key):
+            return False
+    for m in getattr(spec, "modules_to_save", None) or ():
+        if re.match(rf"(^|.*\.){m}($|\..*)", key):
+            return False
+    targets = spec.target_modules
+    if targets is None:
+        return False
+    found = re.fullmatch(targets, key) is not None if isinstance(targets, str) else _suffix_match(targets, key)
+    layers = getattr(spec, "layers_to_transform", None)
+    if not found or layers is None or (isinstance(layers, list) and not layers):
+        return found
+    patterns = getattr(spec, "layers_pattern", None)
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def matched_modules(model: nn.Module, peft_config: Any, tower_map: TowerMap | None = None) -> list[str]:
+    """Paths of the modules ``peft_config.target_modules`` selects, with PEFT's matching rules.
+
+    ``"all-linear"`` selects every linear layer but the output head (as PEFT does); a list matches by exact path or
+    ``.suffix``; a string is a regex that must match the full path. ``exclude_modules``, ``modules_to_save`` and
+    ``layers_to_transform`` apply as in PEFT.
+    """
+    tower_map = tower_map or map_towers(model)
+    targets = peft_config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        spec = copy.copy(peft_config)
+        spec.target_modules = {n for n in tower_map.linears if n != tower_map.output_name}
+        candidates = list(tower_map.linears)
+    else:
+        spec = peft_config
+        candidates = [n for n, _ in model.named_modules() if n]
+    return [n for n in candidates if target_matches(spec, n)]
+
+
+def _default_targets(model: nn.Module) -> list[str] | None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
+    config = getattr(model, "config", None)
+    types = [getattr(config, "model_type", None)]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        types.append(getattr(get_text(), "model_type", None))
+    for model_type in types:
+        if model_type in mapping:
+            return list(mapping[model_type])
+    return None
+
+
+def _user_named(targets: Any, leaf: str | None) -> bool:
+    """Whether the user's ``target_modules`` names ``leaf`` literally (e.g. asked for ``lm_head`` on purpose)."""
+    if leaf is None:
+        return False
+    if isinstance(targets, str):
+        return targets.lower() != ALL_LINEAR and re.search(rf"(^|[^A-Za-z0-9_]){re.escape(leaf)}", targets) is not None
+    return any(t == leaf or t.endswith("." + leaf) for t in targets or ())
+
+
+def _lora_params(model_modules: dict[str, nn.Module], tower_map: TowerMap, name: str, rank: int) -> int:
+    info = tower_map.linears.get(name)
+    if info is not None:
+        return info.lora_params(rank)
+    module = model_modules.get(name)
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() < 2:
+        return 0
+    return rank * (int(weight.shape[0]) + int(weight.shape[1]))
+
+
+def resolve_targets(
+    model: nn.Module,
+    peft_config: Any,
+    profile: ModalityProfile,
+    *,
+    target_towers: str | Sequence[str] = "auto",
+    dead_targets: str = "drop",
+    probe: ProbeResult | None = None,
+    tower_map: TowerMap | None = None,
+) -> TargetPlan:
+    """Resolve a PEFT config's ``target_modules`` to the exact modules of the towers the data reaches.
+
+    Args:
+        model: The base model (not PEFT-wrapped). Meta-device models work (no weights are read).
+        peft_config: The user's PEFT config (``LoraConfig`` and other configs with ``target_modules``).
+        profile: The data's :class:`~mm_trainer.modality.ModalityProfile`.
+        target_towers: ``"auto"`` (follow the data) or an explicit list of towers, which overrides the data.
+        dead_targets: What to do with matched modules the data does not reach under ``"auto"``: ``"drop"`` them
+            (and log), ``"warn"`` (keep them and warn) or ``"error"`` (raise, listing them).
+        probe: A reachability probe of a real batch; without it, reachability follows the towers.
+        tower_map: A precomputed tower map of ``model``.
+
+    Returns:
+        The :class:`TargetPlan`, whose ``peft_config`` is a copy of ``peft_config`` with ``target_modules`` set to
+        the kept module paths.
+
+    Raises:
+        ValueError: Bad ``target_towers`` / ``dead_targets``, unreached targets under ``dead_targets="error"``, or
+            a config that resolves to no module at all.
+    """
+    if dead_targets not in DEAD_TARGET_POLICIES:
+        raise ValueError(f"`dead_targets` must be one of {list(DEAD_TARGET_POLICIES)}, got {dead_targets!r}.")
+    towers_setting = validate_target_towers(target_towers)
+    tower_map = tower_map or map_towers(model)
+    rank = int(getattr(peft_config, "r", 8) or 8)
+
+    if not hasattr(peft_config, "target_modules"):
+        # Prompt learning and friends: nothing to resolve.
+        return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
+
+    user_targets = peft_config.target_modules
+    config_for_match = peft_config
+    if user_targets is None and getattr(peft_config, "target_parameters", None) is None:
+        default = _default_targets(model)
+        if default is None:
+            raise ValueError(
+                f"`target_modules` is not set and PEFT has no default targets for model type "
+                f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}. Set `target_modules`, e.g. "
+                '`"all-linear"` or `["q_proj", "v_proj"]`.'
+            )
+        config_for_match = copy.copy(peft_config)
+        config_for_match.target_modules = set(default)
+        user_targets = set(default)
+    if user_targets is None:  # target_parameters only
+        return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
+
+    matched = matched_modules(model, config_for_match, tower_map)
+    modules = dict(model.named_modules())
+    output_leaf = tower_map.output_name.rsplit(".", 1)[-1] if tower_map.output_name else None
+    output_asked = _user_named(user_targets, output_leaf)
+    reached = profile.reached_towers()
+    if towers_setting == "auto":
+        selected = [t for t in TOWERS if t in reached or t == "other" or (t == "output" and output_asked)]
+    else:
+        selected = list(towers_setting)
+    forced = towers_setting != "auto"
+
+    decisions: list[TargetDecision] = []
+    dead_candidates: list[TargetDecision] = []
+    modality_words = "text-only" if profile.text_only else "+".join(sorted(profile.modalities))
+    for name in matched:
+        tower = tower_map.tower_of(name)
+        cost = _lora_params(modules, tower_map, name, rank)
+        if tower == "output" and not output_asked:
+            decisions.append(TargetDecision(name, tower, False, "output head: adapted only when named", cost))
+            continue
+        if tower not in selected:
+            if forced:
+                reason = f"tower not in target_towers={list(towers_setting)}"
+                decisions.append(TargetDecision(name, tower, False, reason, cost, dead=tower not in reached))
+            else:
+                reason = f"{tower} tower not reached by the data ({modality_words})"
+                decision = TargetDecision(name, tower, True, reason, cost, dead=True)
+                dead_candidates.append(decision)
+                decisions.append(decision)
+            continue
+        if probe is not None and name in probe.candidates and probe.status(name) != "reached":
+            status = probe.status(name)
+            reason = f"probe: {status.replace('_', ' ')} on a batch of the data"
+            decision = TargetDecision(name, tower, True, reason, cost, dead=True)
+            if forced:
+                decision.reason = f"forced by target_towers; {reason}"
+                decisions.append(decision)
+            else:
+                dead_candidates.append(decision)
+                decisions.append(decision)
+            continue
+        if tower not in reached and tower != "other" and not (tower == "output" and output_asked):
+            reason = "forced by target_towers (the data does not reach this tower)"
+            decisions.append(TargetDecision(name, tower, True, reason, cost, dead=True))
+            continue
+        why = "reached: probe saw a non-zero gradient" if probe is not None else "tower reached by the data"
+        decisions.append(TargetDecision(name, tower, True, why, cost))
+
+    plan_warnings: list[str] = []
+    if dead_candidates:
+        names = [d.name for d in dead_candidates]
+        listing = _listing(names)
+        if dead_targets == "error":
+            raise ValueError(
+                f"{len(names)} module(s) matched by `target_modules` are not reached by the data and would never "
+                f'train: {listing}. Remove them from `target_modules`, set `dead_targets="drop"` to drop them, or '
+                "list their tower in `target_towers` if you really want them."
+            )
+        if dead_targets == "drop":
+            for d in dead_candidates:
+                d.kept = False
+            logger.info("Dropped %d unreached target module(s): %s", len(names), listing)
+        else:
+            message = f"Keeping {len(names)} target module(s) the data does not reach (dead_targets='warn'): {listing}"
+            plan_warnings.append(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+    forced_dead = [d.name for d in decisions if d.kept and d.dead and d not in dead_candidates]
+    if forced_dead:
+        message = (
+            f"target_towers forces {len(forced_dead)} adapter(s) the data does not reach; they will not train: "
+            f"{_listing(forced_dead)}"
+        )
+        plan_warnings.append(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+    kept = [d.name for d in decisions if d.kept]
+    if not kept:
+        raise ValueError(_nothing_left_message(user_targets, matched, decisions, tower_map, selected))
+    resolved = copy.deepcopy(peft_config)
+    resolved.target_modules = set(kept)
+    return TargetPlan(
+        peft_config=resolved,
+        decisions=decisions,
+        selected_towers=selected,
+        target_towers=towers_setting,
+        profile=profile,
+        tower_map=tower_map,
+        probe=probe,
+        rank=rank,
+        user_target_modules=user_targets,
+        warnings=plan_warnings,
+    )
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _nothing_left_message(user_targets, matched, decisions, tower_map: TowerMap, selected) -> str:
+    if not matched:
+        examples = [n for n in tower_map.linear_names("language")][:4]
+        return (
+            f"`target_modules={_jsonable_targets(user_targets)!r}` matches no module of this model. Module paths "
+            f"look like {examples}; use their last component (e.g. {sorted({e.rsplit('.', 1)[-1] for e in examples})}"
+            '), a full-path regex, or "all-linear".'
+        )
+    towers = sorted({d.tower for d in decisions})
+    return (
+        f"`target_modules={_jsonable_targets(user_targets)!r}` only matches modules in tower(s) {towers}, none of "
+        f"which the data reaches or `target_towers` selects ({selected}). Target modules of the language model "
+        '(e.g. "all-linear" or ["q_proj", "v_proj"]), or set `target_towers` to include those towers.'
+    )

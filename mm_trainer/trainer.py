@@ -1,0 +1,351 @@
+"""``MMSFTTrainer``: TRL's ``SFTTrainer`` with LoRA targets derived from the data, for multimodal models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import create_model_from_path, get_config_model_id
+
+from .adapters import LoraAdapter, lora_adapters
+from .config import MMSFTConfig
+from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
+from .plan_report import print_plan
+from .probe import ProbeResult, build_probe_batch, choose_probe_rows, probe_reachability
+from .release import ReleaseRecord, releasable_roots, release_towers
+from .targets import TargetPlan, matched_modules, resolve_targets
+from .telemetry import TowerTelemetry
+from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "mm_trainer_state.json"
+"""Per-save file with what a resumed run needs: the plan's kept targets and the telemetry history."""
+
+
+class MMSFTTrainer(SFTTrainer):
+    """Drop-in replacement for TRL's ``SFTTrainer`` that fits LoRA to what the data reaches in a multimodal model.
+
+    It takes exactly ``SFTTrainer``'s arguments. Before PEFT wraps the model it profiles the data's modalities, maps
+    every module of the model to a tower and resolves ``peft_config.target_modules`` to the exact modules of the
+    towers the data reaches (confirmed by a one-batch probe). It prints that plan once, keeps it for the audit,
+    optionally releases towers the data never reaches, and logs per-tower gradient telemetry during training.
+
+    With a plain causal LM and text data nothing changes: the same modules are adapted, with the same initial values.
+
+    Attributes:
+        target_plan: The :class:`~mm_trainer.targets.TargetPlan` (``None`` without ``peft_config``).
+        modality_profile: The training data's :class:`~mm_trainer.modality.ModalityProfile`.
+        tower_map: The base model's :class:`~mm_trainer.towers.TowerMap`.
+        telemetry: The :class:`~mm_trainer.telemetry.TowerTelemetry` (``None`` when off or without adapters).
+        released_towers: Towers whose weights were released.
+    """
+
+    _tag_names = ["trl", "sft", "mm-trainer"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | Any,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_loss_func: Any = None,
+        compute_metrics: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        optimizer_cls_and_kwargs: Any = None,
+        preprocess_logits_for_metrics: Any = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        formatting_func: Any = None,
+    ) -> None:
+        args = _as_mm_config(args, model)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+
+        model, processing_class = self._load_model_and_processor(model, args, quantization_config, processing_class)
+        quantization_config = None  # consumed by the load above
+
+        self.tower_map: TowerMap = map_towers(model)
+        self.modality_profile: ModalityProfile = self._profile(train_dataset, args)
+        self._check_model_fits_data(model, processing_class)
+        self.target_plan: TargetPlan | None = None
+        self.released_towers: list[ReleaseRecord] = []
+        if peft_config is not None and not _is_peft_model(model):
+            self.target_plan = self._plan_targets(model, peft_config, train_dataset, processing_class, args)
+            peft_config = self.target_plan.peft_config
+            if args.ddp_find_unused_parameters is None:
+                # Every kept adapter gets a gradient on every batch only when no kept tower can be skipped by a batch.
+                args.ddp_find_unused_parameters = not self._every_batch_reaches_all_targets()
+            if self._should_release(args, eval_dataset):
+                self.released_towers = release_towers(model, releasable_roots(self.target_plan))
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+
+        self.adapters: list[LoraAdapter] = lora_adapters(self.model, self.tower_map)
+        self.telemetry: TowerTelemetry | None = None
+        if self.adapters and self.args.tower_telemetry:
+            self.telemetry = TowerTelemetry(self.adapters)
+            self.telemetry.watch_forward()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Set-up, before SFTTrainer.__init__
+    # ----------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_model_and_processor(
+        model: Any, args: MMSFTConfig, quantization_config: Any, processing_class: Any
+    ) -> tuple[Any, Any]:
+        """Load a model given by path / id (as SFTTrainer would) so it can be mapped before PEFT wraps it."""
+        from transformers import set_seed
+
+        set_seed(args.seed)  # as SFTTrainer: adapter init and any missing weights depend on the seed
+        revision = None
+        if isinstance(model, str):
+            kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                if "quantization_config" in kwargs:
+                    raise ValueError(
+                        "You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. "
+                        "Set it in one place only."
+                    )
+                kwargs["quantization_config"] = quantization_config
+            if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+                kwargs["device_map"] = None
+            kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            revision = kwargs.get("revision")
+            model = create_model_from_path(model, **kwargs)
+            args.model_init_kwargs = None  # consumed: SFTTrainer would otherwise warn that they are ignored
+        if processing_class is None:
+            processing_class = AutoProcessor.from_pretrained(
+                get_config_model_id(model.config), revision=revision, trust_remote_code=args.trust_remote_code
+            )
+        return model, processing_class
+
+    @staticmethod
+    def _profile(dataset: Any, args: MMSFTConfig) -> ModalityProfile:
+        if args.data_modalities:
+            return ModalityProfile.declare(args.data_modalities)
+        return profile_dataset(dataset, max_rows=args.modality_sample_rows)
+
+    def _check_model_fits_data(self, model: Any, processing_class: Any) -> None:
+        """Fail early, with the fix, when the data holds a modality the model or processor cannot take."""
+        present = {m for m in self.modality_profile.modalities if m in NON_TEXT_MODALITIES}
+        if not present:
+            return
+        tower_needed = {"image": "vision", "video": "vision", "audio": "audio"}
+        have = set(self.tower_map.present_towers())
+        for modality in sorted(present):
+            if tower_needed[modality] not in have:
+                raise ValueError(
+                    f"The training data holds {modality} ({self.modality_profile.rows_with.get(modality, '?')} of "
+                    f"{self.modality_profile.rows_sampled} sampled rows) but {type(model).__name__} has no "
+                    f"{tower_needed[modality]} tower. Use a model that takes {modality} input, or drop the "
+                    f"{modality} columns / content parts from the dataset."
+                )
+        if not isinstance(processing_class, ProcessorMixin):
+            raise ValueError(
+                f"The training data holds {', '.join(sorted(present))} but `processing_class` is a "
+                f"{type(processing_class).__name__}, which only handles text. Pass the model's processor, e.g. "
+                "`AutoProcessor.from_pretrained(model_id)`."
+            )
+
+    def _plan_targets(
+        self, model: Any, peft_config: Any, dataset: Any, processing_class: Any, args: MMSFTConfig
+    ) -> TargetPlan:
+        probe = None
+        if args.target_probe and hasattr(peft_config, "target_modules"):
+            probe = self._run_probe(model, peft_config, dataset, processing_class, args)
+        plan = resolve_targets(
+            model,
+            peft_config,
+            self.modality_profile,
+            target_towers=args.target_towers,
+            dead_targets=args.dead_targets,
+            probe=probe,
+            tower_map=self.tower_map,
+        )
+        if args.process_index == 0:
+            print_plan(plan)
+        return plan
+
+    def _run_probe(
+        self, model: Any, peft_config: Any, dataset: Any, processing_class: Any, args: MMSFTConfig
+    ) -> ProbeResult | None:
+        try:
+            candidates = matched_modules(model, peft_config, self.tower_map)
+        except Exception:
+            return None  # resolve_targets reports a bad target spec with its own message
+        if not candidates:
+            return None
+        rows = choose_probe_rows(sample_rows(dataset, args.modality_sample_rows), args.target_probe_rows)
+        try:
+            batch = build_probe_batch(
+                rows, processing_class, dataset_text_field=args.dataset_text_field, max_length=args.max_length
+            )
+            return probe_reachability(model, batch, candidates)
+        except (KeyError, NotImplementedError, RuntimeError, TypeError, ValueError) as err:
+            logger.warning("Reachability probe skipped (%s); targets follow the tower structure.", err)
+            return None
+
+    def _every_batch_reaches_all_targets(self) -> bool:
+        """True when every batch gives every kept adapter a gradient, so DDP need not look for unused parameters."""
+        plan, profile = self.target_plan, self.modality_profile
+        if plan is None or plan.dead_kept():
+            return False
+        if profile.text_only:
+            return True
+        kept_towers = {d.tower for d in plan.decisions if d.kept}
+        if not kept_towers & {*NON_TEXT_TOWERS, "projector"}:
+            return True
+        # Adapters on a media tower are used by a batch only if it holds that media: every sampled row must.
+        return not profile.declared and all(c == profile.rows_sampled for c in profile.rows_with.values())
+
+    def _should_release(self, args: MMSFTConfig, eval_dataset: Any) -> bool:
+        if args.free_unreached_towers is False or self.target_plan is None:
+            return False
+        if not releasable_roots(self.target_plan):
+            return False
+        if args.free_unreached_towers is True:
+            return True
+        # Unset: only when it is safe, i.e. text-only training *and* evaluation data.
+        if not self.modality_profile.text_only or self.modality_profile.declared:
+            return False
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset] if eval_dataset else []
+        return all(profile_dataset(ds, max_rows=args.modality_sample_rows).text_only for ds in evals)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Training hooks
+    # ----------------------------------------------------------------------------------------------------------------
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.telemetry is not None and self.accelerator.sync_gradients:
+            # Gradients of the optimizer step are complete (accumulated, reduced across ranks) and not yet clipped.
+            self.telemetry.collect()
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.telemetry is not None and self.model.training and "loss" in logs:
+            self._sync_fired()
+            logs.update(self.telemetry.flush(self.state.global_step))
+        super().log(logs, start_time)
+
+    def _sync_fired(self) -> None:
+        """Make every rank agree on which adapters have fired (a rank may never have seen an image batch)."""
+        if self.telemetry is None or self.accelerator.num_processes == 1:
+            return
+        flags = torch.tensor(
+            [a.name in self.telemetry.fired for a in self.adapters], dtype=torch.float32, device=self.args.device
+        )
+        flags = self.accelerator.reduce(flags, reduction="sum")
+        self.telemetry.fired |= {a.name for a, f in zip(self.adapters, flags.tolist()) if f > 0}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving and resuming
+    # ----------------------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._sync_fired()  # runs on every rank, unlike _save
+        super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self._write_state(Path(output_dir))
+
+    def mm_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beyond the adapter: kept targets, released towers, telemetry."""
+        return {
+            "kept_targets": self.target_plan.kept() if self.target_plan is not None else None,
+            "released_towers": [r.to_dict() for r in self.released_towers],
+            "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
+            "global_step": self.state.global_step,
+        }
+
+    def _write_state(self, output_dir: Path) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(output_dir / STATE_FILE, "w") as f:
+            json.dump(self.mm_state(), f, indent=1)
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None
+    ):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._load_state(Path(checkpoint))
+        return super().train(
+            resume_from_checkpoint=checkpoint if checkpoint is not None else resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+        )
+
+    def _load_state(self, checkpoint: Path) -> None:
+        path = checkpoint / STATE_FILE
+        if not path.is_file():
+            logger.warning("%s has no %s: telemetry history restarts from this resume.", checkpoint, STATE_FILE)
+            return
+        state = json.loads(path.read_text())
+        kept = state.get("kept_targets")
+        if kept is not None and self.target_plan is not None and sorted(kept) != sorted(self.target_plan.kept()):
+            only_ckpt = sorted(set(kept) - set(self.target_plan.kept()))[:5]
+            only_now = sorted(set(self.target_plan.kept()) - set(kept))[:5]
+            raise ValueError(
+                f"The checkpoint at {checkpoint} was trained on other target modules than this run resolves to "
+                f"(only in checkpoint: {only_ckpt}; only now: {only_now}). Resume with the same data, model and "
+                "`peft_config`, or set `target_towers` / `data_modalities` explicitly so the targets match."
+            )
+        if self.telemetry is not None and state.get("telemetry"):
+            self.telemetry.load_state_dict(state["telemetry"])
+
+
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _as_mm_config(args: Any, model: Any) -> MMSFTConfig:
+    """The trainer's config as an :class:`MMSFTConfig` (defaults for a plain ``SFTConfig`` / ``TrainingArguments``)."""
+    if isinstance(args, MMSFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return MMSFTConfig(f"{(name or 'model').split('/')[-1]}-SFT")
+    if isinstance(args, TrainingArguments):
+        dict_args = args.to_dict()
+        dict_args["hub_token"] = args.hub_token  # to_dict hides the token
+        known = MMSFTConfig.__dataclass_fields__
+        return MMSFTConfig(**{k: v for k, v in dict_args.items() if k in known and known[k].init})
+    raise TypeError(f"`args` must be an MMSFTConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")

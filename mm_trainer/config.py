@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import MISSING, dataclass, field, fields
 
 from trl import SFTConfig
 
@@ -206,7 +207,23 @@ class MMSFTConfig(SFTConfig):
         },
     )
 
+    @classmethod
+    def extend(cls, args: SFTConfig) -> MMSFTConfig:
+        """An ``MMSFTConfig`` holding every value of an already-built ``SFTConfig``, new fields at their defaults."""
+        new = copy.copy(args)
+        new.__class__ = cls
+        for f in fields(cls):
+            if f.name not in args.__dict__ and f.init:
+                value = f.default_factory() if f.default is MISSING else f.default
+                setattr(new, f.name, value)
+        new._validate_mm()
+        return new
+
     def __post_init__(self) -> None:
+        self._validate_mm()
+        super().__post_init__()
+
+    def _validate_mm(self) -> None:
         if self.target_towers is None or (isinstance(self.target_towers, list) and self.target_towers == ["auto"]):
             self.target_towers = "auto"
         self.target_towers = validate_target_towers(self.target_towers)
@@ -221,7 +238,6 @@ class MMSFTConfig(SFTConfig):
                 raise ValueError(f"Unknown `data_modalities` {unknown}; choose from {list(MODALITIES)}.")
         self._validate_imod()
         self._validate_quantization()
-        super().__post_init__()
 
     def _validate_imod(self) -> None:
         if not 0.0 <= self.imod_shared_ratio <= 1.0:

@@ -323,9 +323,7 @@ def map_towers(model: nn.Module) -> TowerMap:
 
     ordered_roots = sorted(roots, key=len, reverse=True)  # deepest first
     top_config = getattr(model, "config", None)
-    sub_models = [
-        p for p, m in model.named_modules() if p and getattr(m, "config", None) not in (None, top_config)
-    ]
+    sub_models = [p for p, m in model.named_modules() if p and getattr(m, "config", None) not in (None, top_config)]
     towers = {
         path: _tower_for(path, ordered_roots, roots, output_path, composite, sub_models)
         for path, _ in model.named_modules()

@@ -343,6 +343,9 @@ def _as_mm_config(args: Any, model: Any) -> MMSFTConfig:
     if args is None:
         name = model if isinstance(model, str) else get_config_model_id(model.config)
         return MMSFTConfig(f"{(name or 'model').split('/')[-1]}-SFT")
+    if isinstance(args, SFTConfig):
+        # Keep every value SFTConfig already resolved; add MMSFTConfig's fields with their defaults.
+        return MMSFTConfig.extend(args)
     if isinstance(args, TrainingArguments):
         dict_args = args.to_dict()
         dict_args["hub_token"] = args.hub_token  # to_dict hides the token

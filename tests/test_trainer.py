@@ -1,0 +1,299 @@
+"""MMSFTTrainer as a drop-in SFTTrainer: identical on plain LMs, language-only on text data, mixed data, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
+from trl import SFTConfig, SFTTrainer
+
+from mm_trainer import MMSFTConfig, MMSFTTrainer
+from tests.kit import (
+    as_iterable,
+    image_text_dataset,
+    make_processor,
+    make_tokenizer,
+    mixed_dataset,
+    text_dataset,
+    tiny_model,
+)
+
+SUFFIXES = ["q_proj", "v_proj", "down_proj"]
+
+
+def _args(cls, tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=7,
+        disable_tqdm=True,
+        bf16=False,  # TRL defaults to bf16 autocast, which would blur the 1e-5 logit comparisons
+    )
+    base.update(kw)
+    return cls(**base)
+
+
+def _adapter(trainer) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+
+
+def test_plain_llm_identical_to_sft_trainer(tmp_path):
+    data = text_dataset(12)
+    tok = make_tokenizer("causal_lm")
+    runs = {}
+    for name, trainer_cls, config_cls in (("sft", SFTTrainer, SFTConfig), ("mm", MMSFTTrainer, MMSFTConfig)):
+        trainer = trainer_cls(
+            model=tiny_model("causal_lm"),
+            args=_args(config_cls, tmp_path / name, gradient_accumulation_steps=2),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=LoraConfig(r=4, target_modules=SUFFIXES),
+        )
+        trainer.train()
+        runs[name] = _adapter(trainer)
+    assert runs["sft"].keys() == runs["mm"].keys() and runs["mm"]
+    for key in runs["sft"]:
+        torch.testing.assert_close(runs["mm"][key], runs["sft"][key], atol=1e-6, rtol=0)
+    moved = [k for k in runs["mm"] if "lora_B" in k and runs["mm"][k].abs().sum() > 0]
+    assert len(moved) == len([k for k in runs["mm"] if "lora_B" in k])
+
+
+def test_text_only_on_vlm_adapts_language_only(tmp_path):
+    trainer = MMSFTTrainer(
+        model=tiny_model("qwen2_5_vl"),
+        args=_args(MMSFTConfig, tmp_path, free_unreached_towers=False),
+        train_dataset=text_dataset(12),
+        processing_class=make_tokenizer("qwen2_5_vl"),
+        peft_config=LoraConfig(r=4, target_modules=SUFFIXES),
+    )
+    assert trainer.args.ddp_find_unused_parameters is False  # every adapter gets a gradient on every batch
+    trainer.train()
+    adapter = _adapter(trainer)
+    assert adapter and all(k.startswith("base_model.model.model.language_model.") for k in adapter)
+    assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
+    history = [h for h in trainer.state.log_history if "grad_norm/language" in h]
+    assert len(history) == 3 and all(h["active_adapters/language"] == 1.0 for h in history)
+    assert not any(k.startswith("grad_norm/vision") for h in trainer.state.log_history for k in h)
+    # The telemetry's tower norm is the adapters' gradient norm: the Trainer's own grad_norm (all trainables).
+    assert history[0]["grad_norm/language"] == pytest.approx(history[0]["grad_norm"], rel=1e-5)
+
+
+def test_iterable_dataset_and_model_path(tmp_path):
+    from tests.kit import save_tiny
+
+    path = save_tiny("qwen2_5_vl", tmp_path / "model")
+    trainer = MMSFTTrainer(
+        model=str(path),
+        args=_args(MMSFTConfig, tmp_path / "out", max_steps=2),
+        train_dataset=as_iterable(text_dataset(8)),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    assert {trainer.tower_map.tower_of(n) for n in trainer.target_plan.kept()} == {"language"}
+    trainer.train()
+
+
+def test_released_tower_adapter_loads_on_fresh_full_model(tmp_path):
+    tok = make_tokenizer("qwen2_5_vl")
+    trainer = MMSFTTrainer(
+        model=tiny_model("qwen2_5_vl"),
+        args=_args(MMSFTConfig, tmp_path),
+        train_dataset=text_dataset(12),
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    assert [r.path for r in trainer.released_towers] == ["model.visual"]
+    assert sum(p.numel() for p in trainer.model.parameters()) < sum(
+        p.numel() for p in tiny_model("qwen2_5_vl").parameters()
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    batch = tok(["What is 2 + 3?", "What is 9 + 9? It is"], return_tensors="pt", padding=True)
+    trainer.model.eval()
+    with torch.no_grad():
+        before = trainer.model(**batch).logits
+    fresh = tiny_model("qwen2_5_vl")
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "final")
+    report = loaded.load_adapter(tmp_path / "final", adapter_name="check")
+    assert not report.missing_keys and not report.unexpected_keys
+    loaded.set_adapter("default")
+    with torch.no_grad():
+        after = loaded(**batch).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    state = json.loads((tmp_path / "final" / "mm_trainer_state.json").read_text())
+    assert state["released_towers"][0]["path"] == "model.visual"
+
+
+def test_released_tower_refuses_images(tmp_path):
+    trainer = MMSFTTrainer(
+        model=tiny_model("qwen2_5_vl"),
+        args=_args(MMSFTConfig, tmp_path, free_unreached_towers=True),
+        train_dataset=text_dataset(4),
+        processing_class=make_tokenizer("qwen2_5_vl"),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    visual = trainer.model.get_base_model().model.visual
+    with pytest.raises(RuntimeError, match="free_unreached_towers=False"):
+        visual(torch.zeros(4, 3), grid_thw=torch.tensor([[1, 2, 2]]))
+
+
+def test_mixed_dataset_with_accumulation_and_checkpointing(tmp_path):
+    family = "qwen2_5_vl"
+    trainer = MMSFTTrainer(
+        model=tiny_model(family),
+        args=_args(
+            MMSFTConfig,
+            tmp_path,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            gradient_checkpointing=True,
+            max_length=None,
+        ),
+        train_dataset=mixed_dataset(8, family=family),
+        processing_class=make_processor(family),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    assert trainer.modality_profile.mixed
+    assert trainer.args.ddp_find_unused_parameters is True  # text-only batches leave vision adapters without grad
+    towers = {trainer.tower_map.tower_of(n) for n in trainer.target_plan.kept()}
+    assert towers == {"language", "vision", "projector"}
+    assert not trainer.released_towers
+    trainer.train()
+    adapter = _adapter(trainer)
+    assert any("visual" in k and "lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    towers_logged = {k.split("/")[1] for h in trainer.state.log_history for k in h if k.startswith("grad_norm/")}
+    assert towers_logged == {"language", "vision", "projector"}
+
+
+def test_bf16_like_sft_trainer(tmp_path):
+    data = text_dataset(8)
+    tok = make_tokenizer("causal_lm")
+    results = []
+    for trainer_cls, config_cls in ((SFTTrainer, SFTConfig), (MMSFTTrainer, MMSFTConfig)):
+        trainer = trainer_cls(
+            model=tiny_model("causal_lm"),
+            args=_args(config_cls, tmp_path / config_cls.__name__, bf16=True, max_steps=2),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )
+        trainer.train()
+        results.append(_adapter(trainer))
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], atol=1e-6, rtol=0)
+
+
+def test_resume_keeps_targets_and_telemetry(tmp_path):
+    def make(max_steps):
+        return MMSFTTrainer(
+            model=tiny_model("qwen2_5_vl"),
+            args=_args(MMSFTConfig, tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2),
+            train_dataset=text_dataset(16),
+            processing_class=make_tokenizer("qwen2_5_vl"),
+            peft_config=LoraConfig(r=4, target_modules=SUFFIXES),
+        )
+
+    first = make(2)
+    first.train()
+    saved = json.loads((tmp_path / "checkpoint-2" / "mm_trainer_state.json").read_text())
+    assert [h["step"] for h in saved["telemetry"]["history"]] == [1, 2]
+    second = make(4)
+    second.train(resume_from_checkpoint=True)
+    assert [h["step"] for h in second.telemetry.history] == [1, 2, 3, 4]
+    assert second.telemetry.history[:2] == saved["telemetry"]["history"]
+    assert second.target_plan.kept() == first.target_plan.kept()
+    config = json.loads((tmp_path / "checkpoint-4" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(first.target_plan.kept())
+
+
+def test_resume_refuses_other_targets(tmp_path):
+    args = _args(MMSFTConfig, tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    MMSFTTrainer(
+        model=tiny_model("qwen2_5_vl"),
+        args=args,
+        train_dataset=text_dataset(8),
+        processing_class=make_tokenizer("qwen2_5_vl"),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    ).train()
+    other = MMSFTTrainer(
+        model=tiny_model("qwen2_5_vl"),
+        args=_args(MMSFTConfig, tmp_path, max_steps=4),
+        train_dataset=text_dataset(8),
+        processing_class=make_tokenizer("qwen2_5_vl"),
+        peft_config=LoraConfig(r=4, target_modules=["v_proj"]),
+    )
+    with pytest.raises(ValueError, match="other target modules"):
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_images_with_a_text_only_model(tmp_path):
+    with pytest.raises(ValueError, match="has no vision tower"):
+        MMSFTTrainer(
+            model=tiny_model("causal_lm"),
+            args=_args(MMSFTConfig, tmp_path),
+            train_dataset=image_text_dataset(4),
+            processing_class=make_tokenizer("causal_lm"),
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )
+
+
+def test_images_with_a_tokenizer(tmp_path):
+    with pytest.raises(ValueError, match="processor"):
+        MMSFTTrainer(
+            model=tiny_model("qwen2_5_vl"),
+            args=_args(MMSFTConfig, tmp_path),
+            train_dataset=mixed_dataset(4),
+            processing_class=make_tokenizer("qwen2_5_vl"),
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )
+
+
+def test_unknown_tower_and_empty_resolution(tmp_path):
+    with pytest.raises(ValueError, match="Unknown tower name"):
+        MMSFTConfig(output_dir=str(tmp_path), target_towers=["language", "retina"], use_cpu=True)
+    with pytest.raises(ValueError, match="none of which the data reaches"):
+        MMSFTTrainer(
+            model=tiny_model("qwen2_5_vl"),
+            args=_args(MMSFTConfig, tmp_path),
+            train_dataset=text_dataset(4),
+            processing_class=make_tokenizer("qwen2_5_vl"),
+            peft_config=LoraConfig(r=4, target_modules=["qkv", "attn.proj"]),
+        )
+
+
+def test_config_from_cli_style_values(tmp_path):
+    config = MMSFTConfig(output_dir=str(tmp_path), target_towers=["auto"], use_cpu=True)
+    assert config.target_towers == "auto"
+    sft = SFTConfig(output_dir=str(tmp_path), learning_rate=3e-4, use_cpu=True, report_to="none")
+    trainer = MMSFTTrainer(
+        model=tiny_model("causal_lm"),
+        args=sft,
+        train_dataset=text_dataset(4),
+        processing_class=make_tokenizer("causal_lm"),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    )
+    assert isinstance(trainer.args, MMSFTConfig) and trainer.args.learning_rate == 3e-4
+
+
+def test_adapter_file_has_no_vision_keys(tmp_path):
+    trainer = MMSFTTrainer(
+        model=tiny_model("llava"),
+        args=_args(MMSFTConfig, tmp_path, max_steps=1),
+        train_dataset=text_dataset(4),
+        processing_class=make_tokenizer("llava"),
+        peft_config=LoraConfig(r=4, target_modules=SUFFIXES),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    keys = load_file(tmp_path / "final" / "adapter_model.safetensors").keys()
+    assert keys and not [k for k in keys if "vision_tower" in k]

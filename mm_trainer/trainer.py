@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,8 @@ class MMSFTTrainer(SFTTrainer):
         )
 
         self.adapters: list[LoraAdapter] = lora_adapters(self.model, self.tower_map)
+        # Features add their own section to the audit here: name -> callable returning a JSON-ready dict.
+        self.audit_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.telemetry: TowerTelemetry | None = None
         if self.adapters and self.args.tower_telemetry:
             self.telemetry = TowerTelemetry(self.adapters)

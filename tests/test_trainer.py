@@ -297,3 +297,29 @@ def test_adapter_file_has_no_vision_keys(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     keys = load_file(tmp_path / "final" / "adapter_model.safetensors").keys()
     assert keys and not [k for k in keys if "vision_tower" in k]
+
+
+def test_vlm_on_mixed_data_matches_sft_trainer(tmp_path):
+    """Where the data reaches every matched module, MMSFTTrainer trains exactly what SFTTrainer trains."""
+    family = "qwen2_5_vl"
+    runs = {}
+    for name, trainer_cls, config_cls in (("sft", SFTTrainer, SFTConfig), ("mm", MMSFTTrainer, MMSFTConfig)):
+        trainer = trainer_cls(
+            model=tiny_model(family),
+            args=_args(
+                config_cls,
+                tmp_path / name,
+                per_device_train_batch_size=1,
+                gradient_accumulation_steps=2,
+                gradient_checkpointing=True,
+                max_length=None,
+            ),
+            train_dataset=mixed_dataset(8, family=family),
+            processing_class=make_processor(family),
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )
+        trainer.train()
+        runs[name] = _adapter(trainer)
+    assert runs["mm"].keys() == runs["sft"].keys()
+    for key in runs["sft"]:
+        torch.testing.assert_close(runs["mm"][key], runs["sft"][key], atol=1e-6, rtol=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,7 @@ def test_mm_trainer_same_setup_passes_with_default_settings(tmp_path, capsys):
         peft_config=LoraConfig(r=4, target_modules=SUFFIXES),
     )
     trainer.train()
+    assert "mm-trainer audit: PASS - 6 of 6 adapters trained" in capsys.readouterr().out  # end-of-training summary
     trainer.save_model()
     audit = _audit(tmp_path)
     assert audit["verdict"] == "pass" and audit["reasons"] == []
@@ -307,6 +309,10 @@ class _FakeHub:
                     "audit": json.loads((root / "audit.json").read_text()) if "audit.json" in chosen else None,
                 }
             )
+            if kw.get("run_as_future"):
+                done: Future = Future()
+                done.set_result(f"https://hub.invalid/{repo_id}/commit/0")
+                return done
             return f"https://hub.invalid/{repo_id}/commit/0"
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -361,6 +367,20 @@ def test_push_refused_before_any_upload_when_verdict_fails(tmp_path, monkeypatch
     trainer.args.audit_block_failed_push = False
     trainer.push_to_hub()
     assert len(hub.uploads) == 1 and hub.uploads[0]["audit"]["verdict"] == "fail"
+
+
+def test_checkpoint_pushes_carry_the_audit_and_skip_failed_ones(tmp_path, monkeypatch):
+    hub = _FakeHub(monkeypatch)
+    common = dict(push_to_hub=True, hub_strategy="every_save", save_strategy="steps", save_steps=2, max_steps=2)
+    _vlm_text_trainer(tmp_path / "ok", hub_model_id="me/ok", **common).train()
+    assert [u["repo_id"] for u in hub.uploads] == ["me/ok"]
+    assert {"audit.json", "AUDIT.md", "adapter_model.safetensors"} <= set(hub.uploads[0]["files"])
+    assert hub.uploads[0]["audit"]["global_step"] == 2 and CARD_BEGIN in hub.uploads[0]["readme"]
+
+    with pytest.warns(RuntimeWarning, match='checkpoint-2 is "fail": its push to the Hub is skipped'):
+        _vlm_text_trainer(tmp_path / "dead", hub_model_id="me/dead", learning_rate=0.0, **common).train()
+    assert [u["repo_id"] for u in hub.uploads] == ["me/ok"]
+    assert _audit(tmp_path / "dead" / "checkpoint-2")["verdict"] == "fail"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -435,12 +455,20 @@ def test_4bit_base_counted_unpacked(tmp_path):
         args=_args(MMSFTConfig, tmp_path / "out", gradient_checkpointing=False),
         train_dataset=text_dataset(12),
         processing_class=make_tokenizer("causal_lm"),
-        peft_config=LoraConfig(r=4, target_modules=SUFFIXES),
+        peft_config=LoraConfig(r=4, target_modules=SUFFIXES, modules_to_save=["lm_head"]),
     )
     trainer.train()
     trainer.save_model()
     audit = _audit(tmp_path / "out")
     assert audit["verdict"] == "pass"
+    # The full lm_head copy PEFT trains counts as trainable, in the output tower, and it moved.
+    params = audit["params"]
+    head = tiny_model("causal_lm").lm_head.weight.numel()
+    assert params["other_trainable"] == [
+        {"name": "lm_head.modules_to_save.default.weight", "tower": "output", "params": head, "moved": True}
+    ]
+    assert params["nominal_trainable"] == params["effective_trainable"] == params["lora_nominal"] + head
+    assert params["nominal_trainable"] == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     reference = tiny_model("causal_lm")
     quantized = sum(
         m.weight.numel() for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"

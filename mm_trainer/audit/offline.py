@@ -114,7 +114,8 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
         ``audit.json`` gave the statuses, else ``"weights"``), ``training_verdict``, ``modules`` (``name``,
         ``tower``, ``params``, ``status``: ``trained`` / ``dead`` / ``unverified`` or a training-audit status,
         ``dead``, ``reason``, norms), ``towers`` (per tower counts and parameters), ``params`` (``nominal``,
-        ``effective``, ``dead``, ``other``), ``dead_groups`` (tower -> ``[pattern, count]``) and ``clean``.
+        ``effective``, ``dead``, ``other``: non-LoRA trainable tensors such as ``modules_to_save``, counted as
+        effective; ``saved_base``: frozen base weights PEFT saved along, not counted), ``dead_groups`` (tower -> ``[pattern, count]``) and ``clean``.
 
     Raises:
         AdapterDirError: Missing files, unreadable files, or not a LoRA adapter.
@@ -128,11 +129,16 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
     zero_start = _zero_product_init(init)
 
     by_module: dict[str, dict[str, Any]] = {}
-    other_params = 0
+    other_params = saved_base = 0
     for key, tensor in tensors.items():
         module = module_of_key(key)
         if module is None:
-            other_params += tensor.numel()
+            # ``.base_layer.`` keys are frozen base weights PEFT saves along (``save_embedding_layers``); the rest
+            # (``modules_to_save``, trainable tokens) was trained in full.
+            if ".base_layer." in key:
+                saved_base += tensor.numel()
+            else:
+                other_params += tensor.numel()
             continue
         entry = by_module.setdefault(module, {"params": 0, "a": None, "b": None})
         entry["params"] += tensor.numel()
@@ -224,6 +230,7 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
             "lora_effective": lora - dead_lora,
             "dead": dead_lora,
             "other": other_params,
+            "saved_base": saved_base,
         },
         "dead": [m["name"] for m in modules if m["dead"]],
         "unverified": [m["name"] for m in modules if m["status"] == "unverified"],

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    "AuditFailedError": "audit",
+    "audit_adapter_dir": "audit",
     "MMSFTConfig": "config",
     "MMSFTTrainer": "trainer",
     "ModalityProfile": "modality",
@@ -26,11 +28,13 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "TOWERS",
+    "AuditFailedError",
     "MMSFTConfig",
     "MMSFTTrainer",
     "ModalityProfile",
     "TargetPlan",
     "TowerMap",
+    "audit_adapter_dir",
     "map_towers",
     "profile_dataset",
     "resolve_targets",
@@ -38,6 +42,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .audit import AuditFailedError, audit_adapter_dir
     from .config import MMSFTConfig
     from .modality import ModalityProfile, profile_dataset, token_modality
     from .targets import TargetPlan, resolve_targets

@@ -44,7 +44,8 @@ class MMSFTConfig(SFTConfig):
         > Telemetry
 
         tower_telemetry (`bool`, *optional*, defaults to `True`):
-            Log, per tower, the adapters' gradient norm and the fraction of adapters with a non-zero gradient.
+            Log, per tower, the adapters' gradient norm and the fraction of adapters with a non-zero gradient. With
+            `audit=True` the same measurements are still taken (the audit needs them) but not logged.
 
         > IMoD (Implicit Modality Decomposition)
 
@@ -83,14 +84,20 @@ class MMSFTConfig(SFTConfig):
         > Audit
 
         audit (`bool`, *optional*, defaults to `True`):
-            Write `audit.json`, `AUDIT.md` and plots next to the adapter at every save.
+            Write `audit.json`, `AUDIT.md` and plots next to the adapter at every save (`save_model` and each
+            checkpoint), add an audit section to the `README.md` model card, and print a summary after training.
+            Each adapter gets a status (`trained`, `decay_only`, `zero_grad`, `never_fired`) from fingerprints of its
+            A and B taken at init, so PiSSA / OLoRA / LoftQ starts are judged right. A failing audit never stops a
+            save: the adapter is kept and the error goes to `audit_error.txt`.
         audit_plots (`bool`, *optional*, defaults to `True`):
             Draw the loss and per-tower gradient-norm plots (matplotlib) with the audit.
         audit_block_failed_push (`bool`, *optional*, defaults to `True`):
-            Refuse `push_to_hub` when the audit verdict is `"fail"`.
+            Refuse `push_to_hub` (raising `AuditFailedError` before any upload) when the audit verdict is
+            `"fail"`; checkpoint pushes with a failing verdict are skipped with a warning. Local files are kept.
         serving_clean_save (`bool`, *optional*, defaults to `False`):
-            At save, strip adapters that never trained and rewrite `target_modules` in `adapter_config.json` to the
-            trained set, for serving engines that reject adapters on vision towers.
+            At `save_model` (not in `checkpoint-*` folders, which must stay resumable), strip adapters that never
+            trained and whose update B @ A is exactly zero, and rewrite `target_modules` in `adapter_config.json` to
+            the modules left, for serving engines that reject adapters on vision towers. Outputs are unchanged.
     """
 
     # Targets from the data
@@ -137,7 +144,10 @@ class MMSFTConfig(SFTConfig):
     # Telemetry
     tower_telemetry: bool = field(
         default=True,
-        metadata={"help": "Log per-tower adapter gradient norms and the fraction of adapters with non-zero gradient."},
+        metadata={
+            "help": "Log per-tower adapter gradient norms and the fraction of adapters with non-zero gradient (with "
+            "audit=True they are measured anyway, for the audit, but not logged)."
+        },
     )
 
     # IMoD
@@ -193,17 +203,24 @@ class MMSFTConfig(SFTConfig):
 
     # Audit
     audit: bool = field(
-        default=True, metadata={"help": "Write audit.json, AUDIT.md and plots next to the adapter at every save."}
+        default=True,
+        metadata={
+            "help": "Write audit.json, AUDIT.md and plots next to the adapter at every save, add the audit to the "
+            "model card and print a summary after training."
+        },
     )
     audit_plots: bool = field(default=True, metadata={"help": "Draw loss and per-tower gradient-norm plots."})
     audit_block_failed_push: bool = field(
-        default=True, metadata={"help": 'Refuse push_to_hub when the audit verdict is "fail".'}
+        default=True,
+        metadata={
+            "help": 'Refuse push_to_hub (before any upload) when the audit verdict is "fail"; local files stay.'
+        },
     )
     serving_clean_save: bool = field(
         default=False,
         metadata={
-            "help": "At save, strip adapters that never trained and rewrite target_modules in adapter_config.json to "
-            "the trained set."
+            "help": "At save_model, strip adapters that never trained (and change no output) and rewrite "
+            "target_modules in adapter_config.json to the modules left."
         },
     )
 

@@ -38,13 +38,16 @@ class TowerTelemetry:
 
     # ---------------------------------------------------------------------------------------------------------------
     def watch_forward(self) -> None:
-        """Record which adapted modules run a forward. Each hook removes itself after its module's first forward."""
+        """Record which adapted modules run a training forward (one with autograd on: evaluation and generation run
+        under ``no_grad`` and do not count). Each hook removes itself after its module's first such forward."""
         for adapter in self.adapters:
             if adapter.name in self.fired:
                 continue
             holder: list[Any] = []
 
             def hook(module, args, output, _name=adapter.name, _holder=holder):
+                if not torch.is_grad_enabled():
+                    return
                 self.fired.add(_name)
                 if _holder:
                     _holder[0].remove()

@@ -164,6 +164,37 @@ def strip_peft_prefix(name: str) -> str:
     return _PEFT_PREFIX.sub("", name)
 
 
+_OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
+
+
+def tower_from_name(path: str) -> str:
+    """Tower of a module path from its names alone, for when no model is at hand (e.g. a saved adapter's keys).
+
+    Uses the same word lists as :func:`map_towers`' last resort: the first path segment that names a vision or audio
+    tower decides (``visual``, ``vision_tower``, ``audio_tower``), and its child named like a merger/projector
+    (``visual.merger``) makes a ``projector``, as in the structural map. Otherwise a segment named like a projector
+    gives ``projector``, an output head name (``lm_head``) gives ``output``, and everything else is ``language``.
+
+    Args:
+        path: A module path, as in the base model or with PEFT's ``base_model.model.`` prefix.
+    """
+    parts = strip_peft_prefix(path).split(".")
+    for i, part in enumerate(parts):
+        if _has_word(part, _AUDIO_WORDS):
+            tower = "audio"
+        elif _has_word(part, _VISION_WORDS):
+            tower = "vision"
+        else:
+            continue
+        rest = parts[i + 1 :]
+        return "projector" if rest and _has_word(rest[0], _PROJECTOR_WORDS) else tower
+    if any(_has_word(part, _PROJECTOR_WORDS) for part in parts):
+        return "projector"
+    if parts[0] in _OUTPUT_HEAD_NAMES or parts[-1] in _OUTPUT_HEAD_NAMES:
+        return "output"
+    return "language"
+
+
 def _words(name: str) -> str:
     return name.lower()
 

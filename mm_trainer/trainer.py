@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .adapters import LoraAdapter, lora_adapters
+from .audit import TrainingAuditor
 from .config import MMSFTConfig
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .plan_report import print_plan
@@ -46,8 +47,11 @@ class MMSFTTrainer(SFTTrainer):
         target_plan: The :class:`~mm_trainer.targets.TargetPlan` (``None`` without ``peft_config``).
         modality_profile: The training data's :class:`~mm_trainer.modality.ModalityProfile`.
         tower_map: The base model's :class:`~mm_trainer.towers.TowerMap`.
-        telemetry: The :class:`~mm_trainer.telemetry.TowerTelemetry` (``None`` when off or without adapters).
+        telemetry: The :class:`~mm_trainer.telemetry.TowerTelemetry` (``None`` without adapters, or when both
+            ``tower_telemetry`` and ``audit`` are off; with ``audit`` alone it tracks but logs nothing).
         released_towers: Towers whose weights were released.
+        auditor: The :class:`~mm_trainer.audit.TrainingAuditor` that writes the audit at every save (``None`` when
+            ``audit=False`` or without adapters).
     """
 
     _tag_names = ["trl", "sft", "mm-trainer"]
@@ -113,9 +117,11 @@ class MMSFTTrainer(SFTTrainer):
         # Features add their own section to the audit here: name -> callable returning a JSON-ready dict.
         self.audit_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self.telemetry: TowerTelemetry | None = None
-        if self.adapters and self.args.tower_telemetry:
+        if self.adapters and (self.args.tower_telemetry or self.args.audit):
             self.telemetry = TowerTelemetry(self.adapters)
             self.telemetry.watch_forward()
+        # Keep last: the audit's init record must see the adapters exactly as training starts from them.
+        self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up, before SFTTrainer.__init__
@@ -255,7 +261,9 @@ class MMSFTTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.telemetry is not None and self.model.training and "loss" in logs:
             self._sync_fired()
-            logs.update(self.telemetry.flush(self.state.global_step))
+            metrics = self.telemetry.flush(self.state.global_step)
+            if self.args.tower_telemetry:
+                logs.update(metrics)
         super().log(logs, start_time)
 
     def _sync_fired(self) -> None:
@@ -281,6 +289,23 @@ class MMSFTTrainer(SFTTrainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         self._write_state(Path(output_dir))
+        if self.auditor is not None:
+            self.auditor.on_save(Path(output_dir))  # never raises: a failed audit is reported, the adapter stays
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        super().create_model_card(*args, **kwargs)
+        if self.auditor is not None and self.is_world_process_zero():
+            self.auditor.on_model_card(Path(self.args.output_dir))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        if self.auditor is not None:
+            self.auditor.guard_push()  # raises AuditFailedError before any Hub call when the verdict is "fail"
+        return super().push_to_hub(*args, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self.auditor is not None and not self.auditor.before_checkpoint_push(Path(checkpoint_folder)):
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def mm_state(self) -> dict[str, Any]:
         """What a checkpoint keeps beyond the adapter: kept targets, released towers, telemetry."""
@@ -288,6 +313,7 @@ class MMSFTTrainer(SFTTrainer):
             "kept_targets": self.target_plan.kept() if self.target_plan is not None else None,
             "released_towers": [r.to_dict() for r in self.released_towers],
             "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
+            "audit_init": self.auditor.state_dict() if self.auditor is not None else None,
             "global_step": self.state.global_step,
         }
 
@@ -306,16 +332,22 @@ class MMSFTTrainer(SFTTrainer):
                 raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
         if isinstance(checkpoint, (str, os.PathLike)):
             self._load_state(Path(checkpoint))
-        return super().train(
+        output = super().train(
             resume_from_checkpoint=checkpoint if checkpoint is not None else resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
         )
+        self._sync_fired()  # so that a save after training sees what every rank ran
+        if self.auditor is not None and self.is_world_process_zero():
+            self.auditor.print_summary()
+        return output
 
     def _load_state(self, checkpoint: Path) -> None:
         path = checkpoint / STATE_FILE
         if not path.is_file():
             logger.warning("%s has no %s: telemetry history restarts from this resume.", checkpoint, STATE_FILE)
+            if self.auditor is not None:
+                self.auditor.load_state_dict(None)
             return
         state = json.loads(path.read_text())
         kept = state.get("kept_targets")
@@ -329,6 +361,8 @@ class MMSFTTrainer(SFTTrainer):
             )
         if self.telemetry is not None and state.get("telemetry"):
             self.telemetry.load_state_dict(state["telemetry"])
+        if self.auditor is not None:
+            self.auditor.load_state_dict(state.get("audit_init"))
 
 
 def _is_peft_model(model: Any) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import audit as audit_cmd
 from . import plan as plan_cmd
 
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plan_cmd.add_parser(sub)
+    audit_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,131 @@
+"""Parameter counts of the audit: nominal vs effective trainable parameters, per tower, 4-bit layers unpacked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from ..adapters import LoraAdapter
+from ..towers import TOWERS, TowerMap, strip_peft_prefix
+from .status import ModuleAudit
+
+
+def param_count(param: nn.Parameter) -> int:
+    """Elements of a parameter as if unquantized: a bitsandbytes 4-bit weight packs two values per byte and keeps
+    its real shape in ``quant_state.shape``."""
+    quant_state = getattr(param, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return param.numel()
+
+
+def is_4bit(param: nn.Parameter) -> bool:
+    """Whether ``param`` is a bitsandbytes 4-bit weight."""
+    return type(param).__name__ == "Params4bit"
+
+
+def other_trainable(model: nn.Module, adapters: Iterable[LoraAdapter]) -> dict[str, nn.Parameter]:
+    """Trainable parameters that are not an adapter's A or B (``modules_to_save``, trainable tokens, biases),
+    by name in the base model."""
+    lora_ids = {id(p) for a in adapters for p in (a.lora_A, a.lora_B)}
+    return {
+        strip_peft_prefix(name): p for name, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids
+    }
+
+
+def param_summary(
+    model: nn.Module,
+    tower_map: TowerMap,
+    modules: list[ModuleAudit],
+    other: Mapping[str, nn.Parameter],
+    other_moved: Mapping[str, bool],
+    released: Iterable[Any] = (),
+) -> dict[str, Any]:
+    """The ``params`` section of the audit.
+
+    ``nominal_trainable`` counts every trainable parameter (what PEFT's ``print_trainable_parameters`` shows);
+    ``effective_trainable`` only those that learned: adapters with status ``trained`` and other trainable parameters
+    that moved since init (all of them when the init record was lost). Base (frozen) parameters are counted per tower
+    with 4-bit weights unpacked, and released towers with the size they had.
+
+    Args:
+        model: The (PEFT-wrapped) model.
+        tower_map: Tower map of the base model.
+        modules: The adapters' audits.
+        other: Other trainable parameters by name (see :func:`other_trainable`).
+        other_moved: Per name in ``other``, whether it moved since init (missing: unknown).
+        released: The trainer's ``released_towers`` records (``tower``, ``params``).
+    """
+    per_tower: dict[str, dict[str, int]] = {}
+
+    def row(tower: str) -> dict[str, int]:
+        return per_tower.setdefault(
+            tower,
+            {
+                "adapters": 0,
+                "trained": 0,
+                "dead": 0,
+                "nominal_trainable": 0,
+                "effective_trainable": 0,
+                "base_params": 0,
+                "base_params_4bit": 0,
+            },
+        )
+
+    for m in modules:
+        r = row(m.tower)
+        r["adapters"] += 1
+        r["nominal_trainable"] += m.params
+        if m.status == "trained":
+            r["trained"] += 1
+            r["effective_trainable"] += m.params
+        else:
+            r["dead"] += 1
+
+    other_rows = []
+    for name, p in other.items():
+        tower = tower_map.tower_of(name)
+        moved = other_moved.get(name)
+        n = param_count(p)
+        r = row(tower)
+        r["nominal_trainable"] += n
+        if moved is not False:
+            r["effective_trainable"] += n
+        other_rows.append({"name": name, "tower": tower, "params": n, "moved": moved})
+
+    trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if id(p) in trainable_ids:
+            continue
+        r = row(tower_map.tower_of(name))
+        n = param_count(p)
+        r["base_params"] += n
+        if is_4bit(p):
+            r["base_params_4bit"] += n
+    for record in released:
+        row(record.tower)["base_params"] += int(record.params)
+
+    ordered = {t: per_tower[t] for t in TOWERS if t in per_tower}
+    nominal = sum(r["nominal_trainable"] for r in ordered.values())
+    effective = sum(r["effective_trainable"] for r in ordered.values())
+    lora_nominal = sum(m.params for m in modules)
+    lora_effective = sum(m.params for m in modules if m.status == "trained")
+    return {
+        "nominal_trainable": nominal,
+        "effective_trainable": effective,
+        "effective_share": effective / nominal if nominal else 0.0,
+        "lora_nominal": lora_nominal,
+        "lora_effective": lora_effective,
+        "dead_lora": lora_nominal - lora_effective,
+        "dead_share": (lora_nominal - lora_effective) / lora_nominal if lora_nominal else 0.0,
+        "base_params": sum(r["base_params"] for r in ordered.values()),
+        "base_params_4bit": sum(r["base_params_4bit"] for r in ordered.values()),
+        "other_trainable": other_rows,
+        "per_tower": ordered,
+    }

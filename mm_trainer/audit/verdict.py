@@ -1,0 +1,167 @@
+"""The audit's verdict: ``pass``, ``warn`` or ``fail``, with one reason per rule that fired.
+
+``fail`` (the adapter should not be used or published as is; ``push_to_hub`` refuses it by default):
+
+- ``nothing_trained``: no adapter has status ``trained``.
+- ``non_finite_loss``: a logged training loss is NaN or infinite.
+- ``non_finite_weights``: an adapter's A or B holds NaN or infinity.
+- ``dead_majority``: dead adapters (``never_fired``, ``zero_grad``, ``decay_only``) hold at least
+  :data:`FAIL_DEAD_SHARE` of the LoRA parameters.
+
+``warn`` (usable, but not what the parameter count promises, or training looked unhealthy):
+
+- ``dead_adapters``: any adapter ``never_fired`` or ``zero_grad``.
+- ``decay_only``: any adapter moved by weight decay alone.
+- ``loss_not_decreasing``: the mean loss of the last quarter of the logged steps is not below that of the first
+  quarter (only with enough points, see :mod:`~mm_trainer.audit.dynamics`).
+- ``loss_spikes`` / ``grad_norm_spikes``: spikes as defined in :mod:`~mm_trainer.audit.dynamics`.
+- ``init_record_lost``: the run resumed from a checkpoint without the init record, so movement was not checked.
+- ``section_error``: a feature's audit section raised.
+- ``section:<name>``: a feature section reports ``"verdict": "warn"`` or ``"fail"`` with its ``"reasons"``; its
+  level is taken over as is.
+
+``pass``: none of the above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .status import ModuleAudit
+
+FAIL_DEAD_SHARE = 0.5
+"""Share of the LoRA parameters on dead adapters from which the verdict is ``fail``."""
+
+VERDICTS: tuple[str, ...] = ("pass", "warn", "fail")
+
+
+def _reason(level: str, code: str, message: str) -> dict[str, str]:
+    return {"level": level, "code": code, "message": message}
+
+
+def _towers(modules: list[ModuleAudit]) -> str:
+    counts: dict[str, int] = {}
+    for m in modules:
+        counts[m.tower] = counts.get(m.tower, 0) + 1
+    return ", ".join(f"{n} {t}" for t, n in counts.items())
+
+
+def decide(
+    modules: list[ModuleAudit],
+    params: Mapping[str, Any],
+    dynamics: Mapping[str, Any],
+    sections: Mapping[str, Any],
+    global_step: int,
+    record_lost: bool = False,
+) -> tuple[str, list[dict[str, str]]]:
+    """Apply the rules of this module.
+
+    Args:
+        modules: The adapters' audits.
+        params: The ``params`` section.
+        dynamics: The ``dynamics`` section.
+        sections: The feature sections (name -> dict).
+        global_step: Optimizer steps taken.
+        record_lost: Whether the init record was lost on resume.
+
+    Returns:
+        The verdict and the reasons (``level``, ``code``, ``message``), fails first.
+    """
+    reasons: list[dict[str, str]] = []
+    trained = [m for m in modules if m.status == "trained"]
+    if modules and not trained:
+        reasons.append(
+            _reason(
+                "fail",
+                "nothing_trained",
+                f"none of the {len(modules)} adapters trained after {global_step} optimizer step(s)",
+            )
+        )
+    loss = dynamics.get("loss") or {}
+    if loss.get("non_finite_steps"):
+        steps = loss["non_finite_steps"]
+        reasons.append(_reason("fail", "non_finite_loss", f"non-finite training loss at step(s) {steps[:10]}"))
+    bad = [m.name for m in modules if not m.finite]
+    if bad:
+        reasons.append(
+            _reason("fail", "non_finite_weights", f"{len(bad)} adapter(s) hold NaN or infinity, e.g. {bad[0]}")
+        )
+    dead = [m for m in modules if m.dead]
+    dead_share = params.get("dead_share", 0.0)
+    if trained and dead and dead_share >= FAIL_DEAD_SHARE:
+        reasons.append(
+            _reason(
+                "fail",
+                "dead_majority",
+                f"dead adapters hold {dead_share:.1%} of the LoRA parameters (>= {FAIL_DEAD_SHARE:.0%}): "
+                f"{params.get('lora_effective', 0):,} of {params.get('lora_nominal', 0):,} trained",
+            )
+        )
+    unreached = [m for m in dead if m.status in ("never_fired", "zero_grad")]
+    if unreached:
+        never = sum(m.status == "never_fired" for m in unreached)
+        reasons.append(
+            _reason(
+                "warn",
+                "dead_adapters",
+                f"{len(unreached)} adapter(s) learned nothing ({never} never fired, {len(unreached) - never} zero "
+                f"gradient; {_towers(unreached)}); effective trainable parameters are "
+                f"{params.get('effective_trainable', 0):,} of {params.get('nominal_trainable', 0):,} nominal",
+            )
+        )
+    decayed = [m for m in dead if m.status == "decay_only"]
+    if decayed:
+        reasons.append(
+            _reason(
+                "warn",
+                "decay_only",
+                f"{len(decayed)} adapter(s) ({_towers(decayed)}) moved by weight decay alone: their weights changed "
+                "but carry nothing from the data",
+            )
+        )
+    if loss.get("decreasing") is False:
+        reasons.append(
+            _reason(
+                "warn",
+                "loss_not_decreasing",
+                f"mean loss of the last quarter of logged steps ({loss['last_quarter_mean']:.4g}) is not below "
+                f"that of the first quarter ({loss['first_quarter_mean']:.4g})",
+            )
+        )
+    spikes = dynamics.get("spikes") or []
+    for code, pick in (("loss_spikes", "loss"), ("grad_norm_spikes", "grad_norm")):
+        mine = [s for s in spikes if s["metric"].split("/")[0] == pick]
+        if mine:
+            worst = max(mine, key=lambda s: s["ratio"])
+            reasons.append(
+                _reason(
+                    "warn",
+                    code,
+                    f"{len(mine)} {pick} spike(s); worst {worst['metric']} at step {worst['step']}: "
+                    f"{worst['value']:.4g} = {worst['ratio']:.1f}x the recent median",
+                )
+            )
+    if record_lost:
+        reasons.append(
+            _reason(
+                "warn",
+                "init_record_lost",
+                "resumed from a checkpoint without the audit's init record: statuses rest on gradient counts since "
+                "the resume, movement since init was not checked",
+            )
+        )
+    for name, section in sections.items():
+        if not isinstance(section, Mapping):
+            continue
+        if "error" in section and len(section) == 1:
+            reasons.append(_reason("warn", "section_error", f"audit section {name!r} failed: {section['error']}"))
+            continue
+        level = section.get("verdict")
+        if level in ("warn", "fail"):
+            texts = section.get("reasons") or [f"section {name!r} reports {level}"]
+            for text in texts if isinstance(texts, list) else [texts]:
+                reasons.append(_reason(level, f"section:{name}", str(text)))
+    reasons.sort(key=lambda r: r["level"] != "fail")
+    verdict = "fail" if any(r["level"] == "fail" for r in reasons) else "warn" if reasons else "pass"
+    return verdict, reasons

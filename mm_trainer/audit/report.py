@@ -100,6 +100,8 @@ def training_summary(args: Any, state: Any) -> dict[str, Any]:
         "fp16",
         "gradient_checkpointing",
         "max_length",
+        "quantization",
+        "imod",
     )
     out = {k: getattr(args, k, None) for k in keys}
     out["world_size"] = getattr(args, "world_size", 1)

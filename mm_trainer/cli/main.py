@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import audit as audit_cmd
+from . import compare as compare_cmd
 from . import plan as plan_cmd
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plan_cmd.add_parser(sub)
     audit_cmd.add_parser(sub)
+    compare_cmd.add_parser(sub)
     return parser
 
 

@@ -184,14 +184,14 @@ def draw(runs: Sequence[Run], out: str | Path) -> Any:
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for ax, key in zip(axes, panels):
-        positive = False
+        plotted: list[float] = []
         for run, color in zip(runs, colors):
             points = _finite(run.series.get(key, []))
             if not points:
                 continue
             steps, values = zip(*points)
             ax.plot(steps, values, label=run.label, color=color, marker="." if len(steps) < 40 else None)
-            positive = positive or any(v > 0 for v in values)
+            plotted.extend(values)
         if key == "loss":
             ax.set_ylabel("training loss")
             ax.set_title("Loss")
@@ -199,8 +199,10 @@ def draw(runs: Sequence[Run], out: str | Path) -> Any:
             tower = key.split("/", 1)[1]
             ax.set_ylabel("grad norm")
             ax.set_title(f"Adapter gradient norm: {tower} tower (before clipping)")
-            if positive:
-                ax.set_yscale("symlog", linthresh=1e-3)
+            if plotted and min(plotted) > 0:
+                ax.set_yscale("log")
+            elif any(v > 0 for v in plotted):  # a zero (dead tower) cannot sit on a log axis
+                ax.set_yscale("symlog", linthresh=min(v for v in plotted if v > 0))
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(loc="upper right", fontsize="small")

@@ -152,9 +152,11 @@ def meta_model(model_id: str, revision: str | None = None, trust_remote_code: bo
 
 
 def quantizable_linears(tower_map: TowerMap, modules: dict[str, nn.Module], skip_towers: Iterable[str]) -> list[str]:
-    """Paths of the plain ``nn.Linear`` layers outside ``skip_towers``: what a 4-bit load turns into ``Linear4bit``."""
+    """Paths of the plain ``nn.Linear`` layers outside ``skip_towers``: what a 4-bit load turns into ``Linear4bit``.
+
+    Layers of released towers (no longer in ``modules``) are left out."""
     skip = set(skip_towers)
-    return [n for n, info in tower_map.linears.items() if info.tower not in skip and type(modules[n]) is nn.Linear]
+    return [n for n, info in tower_map.linears.items() if info.tower not in skip and type(modules.get(n)) is nn.Linear]
 
 
 def skip_modules(tower_map: TowerMap, skip_towers: Iterable[str]) -> list[str]:

@@ -506,6 +506,11 @@ def test_model_quantized_another_way_is_refused(tmp_path, saved_vlm):
 
 
 def test_conflicting_settings_are_clear_errors(tmp_path, saved_vlm):
+    with pytest.raises(ValueError, match="the language tower is the one 4-bit quantizes"):
+        _args(tmp_path, quantization="qlora", quant_skip_towers=["language", "vision"])
+    with pytest.raises(ValueError, match="`quant_compute_dtype` must be"):
+        _args(tmp_path, quantization="qlora", quant_compute_dtype="int4")
+    assert _args(tmp_path, quant_skip_towers="vision,output").quant_skip_towers == ["vision", "output"]
     lora = LoraConfig(r=4, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="builds the 4-bit config itself"):
         MMSFTTrainer(

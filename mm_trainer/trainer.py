@@ -49,6 +49,8 @@ class MMSFTTrainer(SFTTrainer):
         tower_map: The base model's :class:`~mm_trainer.towers.TowerMap`.
         telemetry: The :class:`~mm_trainer.telemetry.TowerTelemetry` (``None`` when off or without adapters).
         released_towers: Towers whose weights were released.
+        quantized_base: The :class:`~mm_trainer.quant.QuantizedBase` of a 4-bit run (``None`` otherwise).
+        eva: The :class:`~mm_trainer.quant.EvaReport` when ``init_lora_weights="eva"`` (``None`` otherwise).
     """
 
     _tag_names = ["trl", "sft", "mm-trainer"]
@@ -115,11 +117,11 @@ class MMSFTTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
+        if self.quantized_base is not None:
+            self.quantized_base.install_adapters(self.model)  # adapter dtype, LoftQ's initial factors
         self.eva = initialize_eva(  # EVA init (init_lora_weights="eva") on adapters every batch reaches; else None
             self.model, self.get_train_dataloader, self.tower_map, self.modality_profile, not args.disable_tqdm
         )
-        if self.quantized_base is not None:
-            self.quantized_base.install_adapters(self.model)  # adapter dtype, LoftQ's initial factors
         self.adapters: list[LoraAdapter] = lora_adapters(self.model, self.tower_map)
         # Features add their own section to the audit here: name -> callable returning a JSON-ready dict.
         self.audit_sections: dict[str, Callable[[], dict[str, Any]]] = {}

@@ -492,6 +492,15 @@ def test_model_quantized_another_way_is_refused(tmp_path, saved_vlm):
             processing_class=make_tokenizer(FAMILY),
             peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
         )
+
+    class AffineQuantizedTensor(torch.Tensor):  # how a torchao-quantized weight looks without a config
+        pass
+
+    by_hand = tiny_model(FAMILY)
+    q_proj = by_hand.get_submodule(f"{LANGUAGE}layers.0.self_attn.q_proj")
+    q_proj.weight = nn.Parameter(q_proj.weight.detach().as_subclass(AffineQuantizedTensor))
+    assert quantization_method(by_hand) == "AffineQuantizedTensor"
+    assert quantization_method(tiny_model(FAMILY)) is None
     four_bit = auto_model_class(FAMILY).from_pretrained(
         saved_vlm, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map=None
     )
@@ -560,3 +569,20 @@ def test_qlora_and_loftq_on_cuda(tmp_path, saved_vlm):
             atol=1e-4,
             rtol=0,
         )
+
+
+def test_eva_on_4bit_base_keeps_fp32_components(tmp_path):
+    trainer = MMSFTTrainer(
+        model=tiny_model(FAMILY),
+        args=_args(tmp_path, quantization="qlora", max_steps=1),
+        train_dataset=text_dataset(8),
+        processing_class=make_tokenizer(FAMILY),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva"),
+    )
+    assert set(trainer.eva.modules) == set(trainer.target_plan.kept())
+    for adapter in trainer.adapters:
+        assert type(adapter.module).__name__ == "Linear4bit" and adapter.lora_A.dtype == torch.float32
+        rank = adapter.lora_A.shape[0]
+        torch.testing.assert_close(adapter.lora_A @ adapter.lora_A.T, torch.eye(rank), atol=1e-5, rtol=0)
+    assert sorted(trainer.audit_sections) == ["eva", "quantization"]
+    trainer.train()

@@ -36,6 +36,8 @@ DEFAULT_SKIP_TOWERS: tuple[str, ...] = ("vision", "audio", "projector", "output"
 
 _DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+_PLAIN_PARAMETERS = ("Parameter", "Tensor", "Params4bit", "DTensor")
+_QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 _OTHER_QUANTIZED_LAYERS = ("QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear", "Int8Linear", "Int4Linear")
 
 
@@ -210,12 +212,12 @@ def quantization_method(model: nn.Module) -> str | None:
         elif any(tag in name for tag in _OTHER_QUANTIZED_LAYERS):
             found.add(name)
     for param in model.parameters():
-        if type(param).__name__ == "Params4bit":
+        kind = type(param).__name__
+        if kind in _PLAIN_PARAMETERS:
+            if kind in ("Parameter", "Tensor") and param.dtype in _QUANTIZED_DTYPES:
+                found.add(f"{dtype_name(param.dtype)} weights")
             continue
-        if type(param) not in (nn.Parameter, torch.Tensor) and not isinstance(param, nn.Parameter):
-            found.add(type(param).__name__)  # tensor subclasses (torchao and the like)
-        elif param.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2):
-            found.add(f"{dtype_name(param.dtype)} weights")
+        found.add(kind)  # tensor subclasses: torchao's AffineQuantizedTensor and the like
     if not found:
         return None
     others = sorted(found - {"bnb-4bit"})

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..towers import TowerMap, is_quantized_linear, map_towers
+from ..towers import TowerMap, map_towers
 from .import_utils import require_bitsandbytes
 from .loftq import LoftQResult, loftq_decompose, lora_scaling, rebuild_quantized
 from .qlora import (
@@ -271,7 +271,7 @@ class QuantizedBase:
             spec = spec_of_model(model)
             qconfig = getattr(model.config, "quantization_config", None)
             skipped = list(getattr(qconfig, "llm_int8_skip_modules", None) or [])
-            quantized = [n for n, m in modules.items() if is_quantized_linear(m) and type(m).__name__ == "Linear4bit"]
+            quantized = [n for n, m in modules.items() if type(m).__name__ == "Linear4bit"]
             base = cls(
                 mode=args.quantization,
                 method="from_pretrained",

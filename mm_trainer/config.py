@@ -71,13 +71,21 @@ class MMSFTConfig(SFTConfig):
         > 4-bit
 
         quantization (`str`, *optional*):
-            `"qlora"`: load the base in nf4 4-bit (double quantization) with non-language towers, projector and
-            `lm_head` kept in full precision. `"loftq"`: the same, with LoftQ initialisation of the targeted modules.
+            `"qlora"`: the base in nf4 4-bit (double quantization) through bitsandbytes, with the towers in
+            `quant_skip_towers` (vision, audio, projector, `lm_head`) in full precision; at load when `model` is a
+            path / id, in place for a full-precision model instance; a bitsandbytes 4-bit model passed by the user is
+            taken as it is. `"loftq"`: the same, with LoftQ on the kept target modules (nf4 quantization alternated
+            with a rank-r SVD of the residual; needs the full-precision weights, so the model loads in full precision
+            and is quantized after target resolution). Needs `peft_config` and bitsandbytes>=0.48 (CPU or CUDA).
+            `quantization.json` is saved next to the adapter; `mm_trainer.quant.load_quantized_base` rebuilds the
+            base from it.
         loftq_iter (`int`, *optional*, defaults to `1`):
-            LoftQ alternating steps (nf4 quantization, rank-r SVD of the residual).
+            LoftQ alternating steps (nf4 quantization, rank-r SVD of the residual). With 1 the base is plain nf4 of
+            the weights; with more, the factors it was quantized against are saved as `loftq_offsets.safetensors`.
         quant_compute_dtype (`str`, *optional*, defaults to `"auto"`):
-            Compute dtype of 4-bit layers: `"auto"` (bf16 when `bf16=True`, else fp32), `"bfloat16"`, `"float16"`,
-            `"float32"`.
+            Compute dtype of 4-bit layers: `"auto"` (bf16 when `bf16=True`, fp16 when `fp16=True`, else fp32),
+            `"bfloat16"`, `"float16"`, `"float32"`. With float32 the adapters train in float32 (TRL would cast them
+            to bf16).
         quant_skip_towers (`list[str]`, *optional*, defaults to `["vision", "audio", "projector", "output"]`):
             Towers kept in full precision when quantizing.
 
@@ -181,8 +189,8 @@ class MMSFTConfig(SFTConfig):
     quantization: str | None = field(
         default=None,
         metadata={
-            "help": "qlora: load the base in nf4 4-bit with non-language towers in full precision; loftq: the same "
-            "with LoftQ initialisation of the targeted modules.",
+            "help": "qlora: the base in nf4 4-bit (double quant) with vision/audio/projector/lm_head in full "
+            "precision; loftq: the same with LoftQ initialisation of the kept target modules. Needs peft_config.",
             "choices": [None, *QUANTIZATION_MODES],
         },
     )
@@ -192,7 +200,8 @@ class MMSFTConfig(SFTConfig):
     quant_compute_dtype: str = field(
         default="auto",
         metadata={
-            "help": "Compute dtype of 4-bit layers: auto (bf16 when bf16=True, else fp32), bfloat16, float16, float32.",
+            "help": "Compute dtype of 4-bit layers: auto (bf16 when bf16=True, fp16 when fp16=True, else fp32), "
+            "bfloat16, float16, float32.",
             "choices": ["auto", "bfloat16", "float16", "float32"],
         },
     )
@@ -280,4 +289,20 @@ class MMSFTConfig(SFTConfig):
             )
         if self.loftq_iter < 1:
             raise ValueError(f"`loftq_iter` must be >= 1, got {self.loftq_iter}.")
-        validate_target_towers(self.quant_skip_towers) if self.quant_skip_towers else None
+        if self.quant_compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(
+                f"`quant_compute_dtype` must be 'auto', 'bfloat16', 'float16' or 'float32', got "
+                f"{self.quant_compute_dtype!r}."
+            )
+        skip = self.quant_skip_towers
+        if not skip or skip == "none":
+            self.quant_skip_towers = []
+        else:
+            skip = validate_target_towers(skip)
+            if skip == "auto" or "language" in skip:
+                raise ValueError(
+                    f"`quant_skip_towers` lists the towers kept in full precision, got {self.quant_skip_towers!r}; the "
+                    "language tower is the one 4-bit quantizes. Use tower names such as "
+                    '["vision", "audio", "projector", "output"] (the default).'
+                )
+            self.quant_skip_towers = skip

@@ -22,6 +22,7 @@ from .config import MMSFTConfig
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .plan_report import print_plan
 from .probe import ProbeResult, build_probe_batch, choose_probe_rows, probe_reachability
+from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
 from .release import ReleaseRecord, releasable_roots, release_towers
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
@@ -52,6 +53,8 @@ class MMSFTTrainer(SFTTrainer):
         released_towers: Towers whose weights were released.
         auditor: The :class:`~mm_trainer.audit.TrainingAuditor` that writes the audit at every save (``None`` when
             ``audit=False`` or without adapters).
+        quantized_base: The :class:`~mm_trainer.quant.QuantizedBase` of a 4-bit run (``None`` otherwise).
+        eva: The :class:`~mm_trainer.quant.EvaReport` when ``init_lora_weights="eva"`` (``None`` otherwise).
     """
 
     _tag_names = ["trl", "sft", "mm-trainer"]
@@ -77,6 +80,7 @@ class MMSFTTrainer(SFTTrainer):
         args = _as_mm_config(args, model)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        check_peft_config(args.quantization, peft_config, model)
 
         model, processing_class = self._load_model_and_processor(model, args, quantization_config, processing_class)
         quantization_config = None  # consumed by the load above
@@ -94,6 +98,10 @@ class MMSFTTrainer(SFTTrainer):
                 args.ddp_find_unused_parameters = not self._every_batch_reaches_all_targets()
             if self._should_release(args, eval_dataset):
                 self.released_towers = release_towers(model, releasable_roots(self.target_plan))
+        # 4-bit base (in-place nf4 / LoftQ on the kept targets), k-bit training preparation; None when not quantized.
+        self.quantized_base: QuantizedBase | None = QuantizedBase.prepare(
+            model, args, self.target_plan, self.tower_map
+        )
 
         super().__init__(
             model=model,
@@ -113,9 +121,18 @@ class MMSFTTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
+        if self.quantized_base is not None:
+            self.quantized_base.install_adapters(self.model)  # adapter dtype, LoftQ's initial factors
+        self.eva = initialize_eva(  # EVA init (init_lora_weights="eva") on adapters every batch reaches; else None
+            self.model, self.get_train_dataloader, self.tower_map, self.modality_profile, not args.disable_tqdm
+        )
         self.adapters: list[LoraAdapter] = lora_adapters(self.model, self.tower_map)
         # Features add their own section to the audit here: name -> callable returning a JSON-ready dict.
         self.audit_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        if self.quantized_base is not None:
+            self.audit_sections["quantization"] = self.quantized_base.audit_section
+        if self.eva is not None:
+            self.audit_sections["eva"] = self.eva.to_dict
         self.telemetry: TowerTelemetry | None = None
         if self.adapters and (self.args.tower_telemetry or self.args.audit):
             self.telemetry = TowerTelemetry(self.adapters)
@@ -148,8 +165,11 @@ class MMSFTTrainer(SFTTrainer):
                 kwargs["device_map"] = None
             kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             revision = kwargs.get("revision")
+            if args.quantization is not None:
+                kwargs = quantized_load_kwargs(model, kwargs, args)  # nf4 with full-precision towers (QLoRA)
             model = create_model_from_path(model, **kwargs)
             args.model_init_kwargs = None  # consumed: SFTTrainer would otherwise warn that they are ignored
+        check_loaded_model(model, args.quantization)  # refuses other quantization methods
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(
                 get_config_model_id(model.config), revision=revision, trust_remote_code=args.trust_remote_code
@@ -289,6 +309,8 @@ class MMSFTTrainer(SFTTrainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         self._write_state(Path(output_dir))
+        if self.quantized_base is not None:
+            self.quantized_base.save(output_dir)  # quantization.json: how to rebuild the 4-bit base
         if self.auditor is not None:
             self.auditor.on_save(Path(output_dir))  # never raises: a failed audit is reported, the adapter stays
 

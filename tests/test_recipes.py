@@ -53,3 +53,17 @@ def test_accelerate_configs_parse(yaml_path):
     config = load_config_from_file(str(yaml_path))
     assert config.num_processes >= 1
     assert "accelerate launch --config_file recipes/accelerate/" in yaml_path.read_text()
+
+
+def test_init_study_two_steps_per_scheme(tmp_path, capsys):
+    recipe = load_recipe("init_study")
+    run_dirs = recipe.main(
+        ["--output_dir", str(tmp_path), "--max_steps", "2", "--train_samples", "32", "--logging_steps", "1",
+         "--per_device_train_batch_size", "4", "--use_cpu", "true"]
+    )  # fmt: skip
+    assert [Path(d).name for d in run_dirs] == list(recipe.SCHEMES)
+    for run_dir in run_dirs:
+        assert (Path(run_dir) / "audit.json").is_file() and (Path(run_dir) / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "compare.png").is_file()
+    out = capsys.readouterr().out
+    assert all(scheme in out for scheme in recipe.SCHEMES)

@@ -45,7 +45,7 @@ class RecipeArguments(ScriptArguments):
 DEFAULTS = {
     # MMSFTConfig
     "output_dir": "outputs/qwen_text_sft",
-    "max_steps": 300,
+    "max_steps": 600,
     "per_device_train_batch_size": 16,
     "learning_rate": 3e-3,
     "lr_scheduler_type": "cosine",

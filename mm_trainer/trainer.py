@@ -18,6 +18,7 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .adapters import LoraAdapter, lora_adapters
 from .config import MMSFTConfig
+from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .plan_report import print_plan
 from .probe import ProbeResult, build_probe_batch, choose_probe_rows, probe_reachability
@@ -80,6 +81,7 @@ class MMSFTTrainer(SFTTrainer):
         self.tower_map: TowerMap = map_towers(model)
         self.modality_profile: ModalityProfile = self._profile(train_dataset, args)
         self._check_model_fits_data(model, processing_class)
+        check_imod_data(args, self.modality_profile)
         self.target_plan: TargetPlan | None = None
         self.released_towers: list[ReleaseRecord] = []
         if peft_config is not None and not _is_peft_model(model):
@@ -116,6 +118,10 @@ class MMSFTTrainer(SFTTrainer):
         if self.adapters and self.args.tower_telemetry:
             self.telemetry = TowerTelemetry(self.adapters)
             self.telemetry.watch_forward()
+        # IMoD gradient injection and the Non-Text Dominance Rate (None when neither applies).
+        self.modality_balance: ModalityBalance | None = ModalityBalance.for_trainer(self)
+        if self.modality_balance is not None:
+            self.audit_sections.update(self.modality_balance.audit_sections())
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up, before SFTTrainer.__init__
@@ -245,8 +251,30 @@ class MMSFTTrainer(SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Training hooks
     # ----------------------------------------------------------------------------------------------------------------
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        balance = self.modality_balance if self.model.training else None
+        if balance is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        balance.begin_micro_step(self, inputs)
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            balance.end_forward()
+        # Adds a zero-valued term whose gradient is IMoD's constraint gradient on each LoRA A.
+        if return_outputs:
+            return balance.inject(self, result[0], num_items_in_batch), result[1]
+        return balance.inject(self, result, num_items_in_batch)
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.modality_balance is not None:
+            self.modality_balance.after_backward(self)
         if self.telemetry is not None and self.accelerator.sync_gradients:
             # Gradients of the optimizer step are complete (accumulated, reduced across ranks) and not yet clipped.
             self.telemetry.collect()
@@ -256,6 +284,8 @@ class MMSFTTrainer(SFTTrainer):
         if self.telemetry is not None and self.model.training and "loss" in logs:
             self._sync_fired()
             logs.update(self.telemetry.flush(self.state.global_step))
+        if self.modality_balance is not None and self.model.training and "loss" in logs:
+            logs.update(self.modality_balance.log_metrics(self))
         super().log(logs, start_time)
 
     def _sync_fired(self) -> None:
@@ -288,6 +318,7 @@ class MMSFTTrainer(SFTTrainer):
             "kept_targets": self.target_plan.kept() if self.target_plan is not None else None,
             "released_towers": [r.to_dict() for r in self.released_towers],
             "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
+            "modality_balance": self.modality_balance.state_dict() if self.modality_balance is not None else None,
             "global_step": self.state.global_step,
         }
 
@@ -306,11 +337,14 @@ class MMSFTTrainer(SFTTrainer):
                 raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
         if isinstance(checkpoint, (str, os.PathLike)):
             self._load_state(Path(checkpoint))
-        return super().train(
+        output = super().train(
             resume_from_checkpoint=checkpoint if checkpoint is not None else resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
         )
+        if self.modality_balance is not None:
+            self.modality_balance.warn_if_unused()
+        return output
 
     def _load_state(self, checkpoint: Path) -> None:
         path = checkpoint / STATE_FILE
@@ -329,6 +363,8 @@ class MMSFTTrainer(SFTTrainer):
             )
         if self.telemetry is not None and state.get("telemetry"):
             self.telemetry.load_state_dict(state["telemetry"])
+        if self.modality_balance is not None:
+            self.modality_balance.load_state_dict(state.get("modality_balance"), checkpoint)
 
 
 def _is_peft_model(model: Any) -> bool:

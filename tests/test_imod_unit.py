@@ -143,7 +143,7 @@ def test_injected_gradient_matches_independent_autograd(lambdas):
     # Reference: the same weights, the constraints written out per sequence, added to the loss, plain autograd.
     ref_model, ref_adapter, ref_base = _peft_mixer()
     captured = {}
-    ref_adapter.module.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0].detach()))
+    ref_adapter.module.register_forward_pre_hook(lambda m, args: captured.update(x=args[0].detach()))
     ref_task = _task(ref_model(x), classes)
     msd, ma = reference_constraints(ref_adapter.lora_A, masks.layers[0].zone, captured["x"], classes)
     (ma_only,) = torch.autograd.grad(lambda_ma * ma, ref_adapter.lora_A, retain_graph=True)

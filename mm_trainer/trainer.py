@@ -254,22 +254,13 @@ class MMSFTTrainer(SFTTrainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        balance = self.modality_balance if self.model.training else None
-        if balance is None:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        balance.begin_micro_step(self, inputs)
-        try:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        finally:
-            balance.end_forward()
-        # Adds a zero-valued term whose gradient is IMoD's constraint gradient on each LoRA A.
-        if return_outputs:
-            return balance.inject(self, result[0], num_items_in_batch), result[1]
-        return balance.inject(self, result, num_items_in_batch)
+        if self.modality_balance is not None and self.model.training:
+            # Arms IMoD's gradient injection and the dominance-rate hooks for this micro-batch (disarmed after the
+            # backward, in training_step). The loss itself is not changed.
+            self.modality_balance.begin_micro_step(self, inputs)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

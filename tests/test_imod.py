@@ -155,10 +155,10 @@ def test_gradient_accumulation_keeps_lambda(tmp_path, tokens_normalised):
             if imod:
                 balance = trainer.modality_balance
                 scale_of = balance.constraint_scale
-                balance.constraint_scale = lambda t, n, _log=scales, _f=scale_of: _log.append(_f(t, n)) or _log[-1]
+                balance.constraint_scale = lambda t, _log=scales, _f=scale_of: _log.append(_f(t)) or _log[-1]
             grads[imod] = _train_grads(trainer)
-            if imod:  # the path under test is the one taken: we divide by GA exactly when Trainer does not
-                assert scales == [1 / ga if tokens_normalised else 1.0] * ga
+            if imod:
+                assert scales == [1 / ga] * ga
         injected[ga] = {n: grads[True][n] - grads[False][n] for n in grads[True]}
     a_names = [n for n in injected[1] if "lora_A" in n and "language_model" in n]
     assert a_names

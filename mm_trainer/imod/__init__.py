@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 from .balance import ModalityBalance, check_imod_data
-from .constraints import ConstraintTerms, constraint_gradient, imod_constraints
+from .constraints import ConstraintTerms, constraint_terms, imod_constraints, response_gradient
 from .dominance import DominanceTracker
-from .inject import IMoDInjector
+from .inject import IMoDInjector, ZonedLoraA
 from .masks import (
     NON_TEXT_ZONE,
     SHARED_ZONE,
@@ -37,10 +37,12 @@ __all__ = [
     "LayerMask",
     "ModalityBalance",
     "TokenLayout",
+    "ZonedLoraA",
     "build_zone",
     "check_imod_data",
-    "constraint_gradient",
+    "constraint_terms",
     "imod_constraints",
     "layer_position",
+    "response_gradient",
     "shared_ratio",
 ]

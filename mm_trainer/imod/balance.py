@@ -1,13 +1,14 @@
 """``ModalityBalance``: IMoD injection and the Non-Text Dominance Rate wired into :class:`~mm_trainer.MMSFTTrainer`.
 
-The trainer calls, per micro-batch, :meth:`ModalityBalance.begin_micro_step` before the task forward,
-:meth:`~ModalityBalance.end_forward` after it, :meth:`~ModalityBalance.inject` on the loss ``compute_loss`` returns and
-:meth:`~ModalityBalance.after_backward` once ``training_step``'s backward is done; :meth:`~ModalityBalance.log_metrics`
-when it logs; and :meth:`~ModalityBalance.state_dict` / :meth:`~ModalityBalance.load_state_dict` at save / resume.
+The trainer calls, per micro-batch, :meth:`ModalityBalance.begin_micro_step` in ``compute_loss`` before the task
+forward and :meth:`~ModalityBalance.after_backward` once ``training_step``'s backward is done (the loss itself is not
+changed: the constraint gradients travel inside LoRA's own ``A`` product, see :mod:`mm_trainer.imod.inject`);
+:meth:`~ModalityBalance.log_metrics` when it logs; and :meth:`~ModalityBalance.state_dict` /
+:meth:`~ModalityBalance.load_state_dict` at save / resume.
 
 Which layers: LoRA ``Linear`` adapters of the language tower. Their input is the token sequence, checked batch by
-batch (the layer input's leading dims must equal ``input_ids.shape``; a layer that does not line up is skipped for
-that batch and reported in the audit). Adapters on the vision / audio tower or the projector see patch or frame
+batch (the input's leading dims must equal ``input_ids.shape``; a layer that does not line up is skipped for that
+batch and reported in the audit). Adapters on the vision / audio tower or the projector see patch or frame
 features, not a mix of text and non-text tokens, so IMoD has nothing to split there: they train as plain LoRA.
 """
 
@@ -17,8 +18,6 @@ import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
-
-import torch
 
 from ..modality import ModalityProfile
 from .dominance import DominanceTracker, lora_linear_modules
@@ -108,50 +107,35 @@ class ModalityBalance:
         return self.dominance is not None and (step == 1 or step % self.dominance_steps == 0)
 
     def begin_micro_step(self, trainer: Any, inputs: dict[str, Any]) -> None:
-        """Arm the hooks for the task forward of ``inputs`` (call in ``compute_loss``, before the forward)."""
+        """Arm IMoD and the dominance hooks for the micro-batch ``inputs`` (call in ``compute_loss``, before the forward).
+
+        They stay armed through the backward, until :meth:`after_backward`.
+        """
         layout = TokenLayout.from_batch(inputs, trainer.model.config)
         if self.injector is not None:
-            self.injector.arm(layout)
+            self.injector.arm(layout, self.constraint_scale(trainer))
         if self.measures(trainer.state.global_step + 1):
             self.dominance.arm(layout)
 
-    def end_forward(self) -> None:
-        """Disarm IMoD's hooks: the forward is done (a checkpointed recomputation must not count again)."""
-        if self.injector is not None:
-            self.injector.disarm()
-
-    def inject(self, trainer: Any, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
-        """The task loss plus a zero-valued term that carries the constraint gradients into the backward."""
-        if self.injector is None:
-            return loss
-        surrogate = self.injector.gradient_surrogate(self.constraint_scale(trainer, num_items_in_batch), loss.device)
-        return loss if surrogate is None else loss + surrogate
-
     @staticmethod
-    def constraint_scale(trainer: Any, num_items_in_batch: Any) -> float:
-        """Factor that makes the injected gradient of a step the mean over its micro-batches, like the task loss.
+    def constraint_scale(trainer: Any) -> float:
+        """Factor of a micro-batch's constraint gradient: ``1 / (micro-batches in this optimizer step)``.
 
-        Mirrors ``Trainer.training_step``: when the loss counts as already scaled for gradient accumulation (TRL
-        divided it by ``num_items_in_batch``, the token count of the whole step), ``Trainer`` does not divide it by
-        the accumulation steps, so we divide the constraint term ourselves; otherwise ``Trainer`` divides the whole
-        returned loss, constraint term included. TRL's ``× num_processes`` (``average_tokens_across_devices``) undoes
-        DDP's averaging for a token-sum loss; our term is a mean per rank, so it is not multiplied and DDP's average
-        over ranks gives the mean over every micro-batch of the step.
+        The injected gradient never passes through the loss, so neither ``Trainer``'s division of the loss by the
+        accumulation steps nor TRL's ``num_items_in_batch`` normalisation (and its ``× num_processes`` under
+        ``average_tokens_across_devices``) reaches it: we scale it ourselves. Each micro-batch's constraint is a mean
+        over its sequences; times ``1 / GA`` and averaged over ranks by DDP like every gradient, the step injects the
+        mean over all its micro-batches, whichever way TRL normalises the task loss.
         """
-        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (
-                trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or trainer.compute_loss_func is not None
-        if not scaled:
-            return 1.0
         steps = (
             getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
         )
         return 1.0 / steps
 
     def after_backward(self, trainer: Any) -> None:
-        """Close the micro-batch (call after ``training_step``'s backward); on a step's last one, finish the rate."""
+        """Disarm after ``training_step``'s backward; on the last micro-batch of a measured step, finish the rate."""
+        if self.injector is not None:
+            self.injector.disarm()
         if self.dominance is None or not self.dominance.measuring:
             return
         self.dominance.disarm()

@@ -29,7 +29,10 @@ sequence lengths, the batch split or the number of layers):
 - The concentrations ``c_t``, ``c_o`` are functions of ``A`` and are differentiated too (the paper's ``∇_A L_MA``
   of the formula as written; they are not treated as constant weights).
 - Cosines use ``F.cosine_similarity``'s ``eps = 1e-8`` guard.
-- The LoRA dropout and scaling play no part: the constraints are on ``A x`` of the layer input ``x``.
+- ``X`` is the input LoRA multiplies ``A`` with: the layer input after LoRA dropout, i.e. the layer input itself
+  with ``lora_dropout=0`` (PEFT's default). With dropout the constraints see the same dropped-out tokens as the task
+  (the price of computing them in the same product as ``A x``; see :mod:`mm_trainer.imod.inject`). The LoRA scaling
+  plays no part.
 """
 
 from __future__ import annotations
@@ -63,88 +66,76 @@ class ConstraintTerms:
         return self.text_specific + self.non_text_specific
 
 
-def imod_constraints(a: torch.Tensor, zone: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> ConstraintTerms:
-    """MSDC and MAAC of one layer.
+ZONE_ORDER: tuple[int, int, int] = (NON_TEXT_ZONE, TEXT_ZONE, SHARED_ZONE)
+"""Order of the zone blocks in :func:`zone_weights` and in the responses :func:`constraint_terms` reads."""
 
-    Args:
-        a: ``A`` (``r x d``), fp32; make it require grad to differentiate the terms.
-        zone: Zones of ``A`` (``uint8``, same shape, same device).
-        x: Layer input flattened to ``(tokens, d)``, fp32, rows in the order of ``layout``.
-        layout: Token positions of the micro-batch, on ``x``'s device.
-    """
-    r = a.shape[0]
+
+def zone_weights(a: torch.Tensor, zone: torch.Tensor) -> torch.Tensor:
+    """``[A⊙M_o; A⊙M_t; A⊙M_s]`` stacked (``3r x d``), in ``a``'s dtype; differentiable w.r.t. ``a``."""
     zero = a.new_zeros(())
-    a_text = torch.where(zone == TEXT_ZONE, a, zero)
-    a_non_text = torch.where(zone == NON_TEXT_ZONE, a, zero)
-    a_shared = torch.where(zone == SHARED_ZONE, a, zero)
+    return torch.cat([torch.where(zone == code, a, zero) for code in ZONE_ORDER])
+
+
+def constraint_terms(responses: torch.Tensor, layout: TokenLayout) -> ConstraintTerms:
+    """MSDC and MAAC from the zone responses ``X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``tokens x 3r``, fp32) of one layer.
+
+    Everything the constraints need from ``A`` and ``X`` is in these ``3r`` numbers per token, so the terms and their
+    gradient w.r.t. the responses cost ``O(tokens · r)``; only turning that gradient into one w.r.t. ``A`` needs
+    ``X`` again (:mod:`mm_trainer.imod.inject` folds it into LoRA's own ``A`` gradient).
+    """
+    r = responses.shape[-1] // 3
     n = max(layout.num_sequences, 1)
-
-    # Text tokens: the non-text-exclusive response (MSDC residual) and the shared response s_t, in one product.
-    text_out = x.index_select(0, layout.text_index) @ torch.cat([a_non_text, a_shared]).T
-    non_text_out = x.index_select(0, layout.non_text_index) @ torch.cat([a_text, a_shared]).T
-
-    text_specific = _sequence_mean_sq(text_out[:, :r], layout.text_sequence, layout.text_count, r) / n
-    non_text_specific = _sequence_mean_sq(non_text_out[:, :r], layout.non_text_sequence, layout.non_text_count, r) / n
-    alignment = _alignment(text_out[:, r:], non_text_out[:, r:], layout) / n
+    non_text_part, text_part, shared = responses.view(-1, 3, r).unbind(1)
+    # L_TS: (A⊙M_o) x on text tokens; L_OS: (A⊙M_t) x on non-text tokens; means over tokens and the r features.
+    text_specific = (layout.text_mean @ non_text_part.square().sum(1)).sum() / (r * n)
+    non_text_specific = (layout.non_text_mean @ text_part.square().sum(1)).sum() / (r * n)
+    alignment = _alignment(shared, layout) / n
     return ConstraintTerms(text_specific, non_text_specific, alignment)
 
 
-def _sequence_mean_sq(residual: torch.Tensor, sequence: torch.Tensor, count: torch.Tensor, r: int) -> torch.Tensor:
-    """Sum over sequences of the mean (over its tokens and the ``r`` features) of the squared residual."""
-    if residual.shape[0] == 0:
-        return residual.sum()
-    weight = 1.0 / (count.clamp(min=1) * r)
-    return (residual.square().sum(1) * weight[sequence]).sum()
+def imod_constraints(a: torch.Tensor, zone: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> ConstraintTerms:
+    """MSDC and MAAC of one layer, differentiable w.r.t. ``a`` (the definition, written as one function).
+
+    Args:
+        a: ``A`` (``r x d``), fp32.
+        zone: Zones of ``A`` (``uint8``, same shape, same device).
+        x: Input of ``A`` flattened to ``(tokens, d)``, fp32, rows in the order of ``layout``.
+        layout: Token positions of the micro-batch, on ``x``'s device.
+    """
+    return constraint_terms(x @ zone_weights(a, zone).T, layout)
 
 
-def _alignment(shared_text: torch.Tensor, shared_non_text: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Sum of ``L_MA`` over the sequences holding both modalities."""
+def _alignment(shared: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Sum of ``L_MA`` over the sequences holding both modalities (``shared``: ``(A⊙M_s) x`` of every token)."""
     both = (layout.text_count > 0) & (layout.non_text_count > 0)
-    if not bool(both.any()):
-        return shared_text.sum() * 0.0 + shared_non_text.sum() * 0.0
-    mean_text, conc_text = _center_and_concentration(shared_text, layout.text_sequence, layout.text_count, layout)
-    mean_non, conc_non = _center_and_concentration(
-        shared_non_text, layout.non_text_sequence, layout.non_text_count, layout
-    )
-    align = F.cosine_similarity(mean_text, mean_non, dim=1)
-    per_sequence = 1.0 - (conc_text + conc_non) * align
-    return per_sequence[both].sum()
+    mean_text = layout.text_mean @ shared  # s̄_t per sequence
+    mean_non_text = layout.non_text_mean @ shared  # s̄_o
+    # c = mean over the modality's tokens of cos(s_i, s̄): every token against its sequence's centre, then averaged
+    # with the modality's weights (tokens of the other modality get weight 0).
+    cos_text = F.cosine_similarity(shared, layout.membership.T @ mean_text, dim=1)
+    cos_non_text = F.cosine_similarity(shared, layout.membership.T @ mean_non_text, dim=1)
+    concentration = layout.text_mean @ cos_text + layout.non_text_mean @ cos_non_text  # c_t + c_o
+    per_sequence = 1.0 - concentration * F.cosine_similarity(mean_text, mean_non_text, dim=1)
+    return torch.where(both, per_sequence, 0.0).sum()
 
 
-def _center_and_concentration(
-    shared: torch.Tensor, sequence: torch.Tensor, count: torch.Tensor, layout: TokenLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: mean ``s̄`` of its tokens' shared responses and ``c = mean_i cos(s_i, s̄)``."""
-    num = layout.num_sequences
-    denom = count.clamp(min=1)
-    mean = shared.new_zeros(num, shared.shape[1]).index_add(0, sequence, shared) / denom[:, None]
-    cos = F.cosine_similarity(shared, mean[sequence], dim=1)
-    concentration = shared.new_zeros(num).index_add(0, sequence, cos) / denom
-    return mean, concentration
-
-
-def constraint_gradient(
-    a: torch.Tensor,
-    zone: torch.Tensor,
-    x: torch.Tensor,
-    layout: TokenLayout,
-    lambda_msd: float,
-    lambda_ma: float,
+def response_gradient(
+    responses: torch.Tensor, layout: TokenLayout, lambda_msd: float, lambda_ma: float
 ) -> tuple[torch.Tensor, ConstraintTerms]:
-    """``λ1 ∇_A (L_TS + L_OS) + λ2 ∇_A L_MA`` of one layer (fp32, shaped like ``A``) and the detached terms.
+    """``∂(λ1 (L_TS + L_OS) + λ2 L_MA) / ∂responses`` (``tokens x 3r``, fp32) and the detached terms.
 
-    Runs its own small autograd graph in fp32 with autocast off; the layer input is treated as a constant. Saved
-    tensors of that graph bypass any enclosing saved-tensor hooks (non-reentrant activation checkpointing), so the
-    computation neither triggers a recomputation nor changes what the checkpoint saves.
+    Runs its own small autograd graph (over the ``3r`` responses only) in fp32 with autocast off. Its saved tensors
+    bypass any enclosing saved-tensor hooks (non-reentrant activation checkpointing), so it neither triggers a
+    recomputation nor changes what the checkpoint saves.
     """
     identity = lambda t: t  # noqa: E731
     with (
         torch.enable_grad(),
-        torch.autocast(device_type=x.device.type, enabled=False),
+        torch.autocast(device_type=responses.device.type, enabled=False),
         torch.autograd.graph.saved_tensors_hooks(identity, identity),
     ):
-        leaf = a.detach().float().requires_grad_(True)
-        terms = imod_constraints(leaf, zone, x.detach().float(), layout)
+        leaf = responses.detach().float().requires_grad_(True)
+        terms = constraint_terms(leaf, layout)
         total = lambda_msd * terms.decoupling + lambda_ma * terms.alignment
         (grad,) = torch.autograd.grad(total, leaf)
     detached = ConstraintTerms(

@@ -1,23 +1,31 @@
-"""Gradient injection: put ``λ1 ∇_A (L_TS + L_OS) + λ2 ∇_A L_MA`` on each LoRA ``A`` in the task's own backward.
+"""Gradient injection: ``λ1 ∇_A (L_TS + L_OS) + λ2 ∇_A L_MA`` lands on each LoRA ``A`` in the task's own backward.
 
-How it works (one micro-batch):
+The mechanism, for one micro-batch (armed by :meth:`IMoDInjector.arm` before the forward, disarmed by
+:meth:`IMoDInjector.disarm` after the backward):
 
-1. :meth:`IMoDInjector.arm` registers a forward hook on every constrained LoRA layer. During the task forward the hook
-   sees the layer input ``X`` and, on the layer's *first* call of the micro-step only, computes the constraint
-   gradient ``g = λ1 ∇_A (L_TS + L_OS) + λ2 ∇_A L_MA`` right there (:func:`~.constraints.constraint_gradient`, fp32,
-   ``X`` detached). ``X`` is dropped when the hook returns: nothing beyond what autograd keeps anyway is held, except
-   ``g`` (one fp32 copy of each ``A``) until the backward.
-2. :meth:`IMoDInjector.disarm` removes the hooks once the forward is done, so the recomputation of a checkpointed
-   layer during the backward (gradient checkpointing) is not counted again; "first call" also keeps the extra no-grad
-   forward some TRL loss paths run from counting twice.
-3. :meth:`IMoDInjector.gradient_surrogate` returns ``S - S.detach()`` with ``S = scale · Σ_l <A_l, g_l>``: a term of
-   value exactly 0 whose gradient is ``scale · g_l`` on ``A_l`` and nothing anywhere else. Added to the task loss, the
-   one backward leaves ``∇task + g`` on ``A`` and ``∇task`` on ``B`` and the base, the reported loss is unchanged,
-   DDP all-reduces the injected part in the same buckets as the task gradient, and it is all there before gradient
-   clipping.
+1. While armed, each constrained layer's ``lora_A`` runs :class:`ZonedLoraA` instead of ``F.linear``. Its forward
+   reads the input ``X`` once for ``X @ [A; A⊙M_o; A⊙M_t; A⊙M_s]ᵀ``: the first ``r`` columns are LoRA's ``A x``,
+   returned as usual; the other ``3r`` are the zone responses the constraints are made of. From them it computes,
+   right away and in fp32, the constraint values and their gradient w.r.t. the responses ``∂C/∂Z`` (``tokens x 3r``,
+   scaled for gradient accumulation; :func:`~.constraints.response_gradient`), and keeps that on the autograd node.
+2. Its backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u | ∂C/∂Z]ᵀ X``: the first ``r`` rows are
+   ``∇A`` of the task, the other ``3r`` rows, masked by their zones, ``∇A`` of the constraints. ``A`` receives the
+   sum through its ``AccumulateGrad``, so DDP all-reduces it in the same buckets as the task gradient, before
+   gradient clipping; ``∂L/∂X = ∂L/∂u · A`` as in plain LoRA (the constraints treat ``X`` as a constant), so ``B``,
+   the base model and earlier layers get the task gradient only. The loss is never touched: what is logged is the
+   task loss.
 
-``scale`` makes the injected gradient follow the task loss's gradient-accumulation normalisation (see
-:meth:`mm_trainer.imod.balance.ModalityBalance.constraint_scale`).
+Plain LoRA reads ``X`` three times per layer (``A x``, ``∇A``, ``∂L/∂X``); IMoD adds no read, only ``3r`` more
+columns to two skinny products and ``O(tokens · r)`` for the constraints. A separate constraint product would add
+two reads of ``X``, which on a memory-bound CPU costs about as much as LoRA itself.
+
+Which call counts: the first call per layer and micro-batch *with autograd recording*. That is the forward under
+non-reentrant activation checkpointing (its recomputation in the backward runs the same products, keeping the saved
+tensors identical, but computes no constraint and its node is not the one the backward uses), the recomputation under
+reentrant checkpointing (whose first forward runs without autograd), and never the extra no-grad forward some TRL
+loss paths run. Because the constraint gradient is kept on the node of the call that counted, nothing is counted
+twice. What stays in memory until the backward: ``∂C/∂Z``, ``tokens x 3r`` fp32 per layer (the input ``X`` itself,
+``tokens x d``, is kept by autograd for LoRA anyway).
 """
 
 from __future__ import annotations
@@ -26,11 +34,55 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..adapters import LoraAdapter
-from .constraints import constraint_gradient
+from .constraints import ZONE_ORDER, response_gradient, zone_weights
+from .dominance import lora_linear_modules
 from .masks import IMoDMasks
 from .tokens import TokenLayout
+
+
+class ZonedLoraA(torch.autograd.Function):
+    """``u = x Aᵀ`` whose backward adds a precomputed constraint gradient to ``∇A`` in the same product.
+
+    ``forward(x, weight, zone, step)``: ``step`` is a callable that receives the zone responses (``tokens x 3r``, fp32)
+    and returns ``∂C/∂Z`` to inject (or ``None`` to inject nothing).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, zone: torch.Tensor, step: Any) -> torch.Tensor:
+        r, d = weight.shape
+        # F.linear's output dtype: the autocast dtype when autocast is on, else the input's.
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type=device_type, enabled=False):
+            w32 = weight.float()
+            stacked = torch.cat([w32, zone_weights(w32, zone)])  # [A; A⊙M_o; A⊙M_t; A⊙M_s], 4r x d
+            products = x.reshape(-1, d).float() @ stacked.T  # one read of X
+        ctx.response_grad = step(products[:, r:]) if step is not None else None
+        ctx.save_for_backward(x, weight, zone)
+        return products[:, :r].reshape(*x.shape[:-1], r).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_u: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, weight, zone = ctx.saved_tensors
+        r, d = weight.shape
+        grad_u = grad_u.reshape(-1, r).float()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_u @ weight.float()).to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            response_grad = ctx.response_grad
+            left = grad_u if response_grad is None else torch.cat([grad_u, response_grad], dim=1)
+            products = left.T @ x.reshape(-1, d).float()  # one read of X for task and constraint
+            grad = products[:r]
+            if response_grad is not None:
+                for block, code in enumerate(ZONE_ORDER, start=1):
+                    grad = grad + torch.where(zone == code, products[block * r : (block + 1) * r], 0.0)
+            grad_weight = grad.to(weight.dtype)
+        ctx.response_grad = None
+        return grad_x, grad_weight, None, None
 
 
 class IMoDInjector:
@@ -57,10 +109,17 @@ class IMoDInjector:
         self.masks = masks
         self.lambda_msd = float(lambda_msd)
         self.lambda_ma = float(lambda_ma)
+        self._lora_a = []
+        for adapter in self.adapters:
+            modules = lora_linear_modules(adapter)
+            if modules is None or modules[0].bias is not None:
+                raise ValueError(f"IMoD needs a bias-free LoRA Linear A on {adapter.name}.")
+            self._lora_a.append(modules[0])
         self._zones: dict[int, torch.Tensor] = {}
-        self._hooks: list[Any] = []
         self._layout: TokenLayout | None = None
-        self._grads: dict[int, torch.Tensor] = {}
+        self._scale = 1.0
+        self._counted: set[int] = set()
+        self._armed = False
         self._metric_sums: torch.Tensor | None = None  # [Σ msd, #msd, Σ ma, #ma]
         self.micro_steps = 0
         self.micro_steps_with_non_text = 0
@@ -68,42 +127,50 @@ class IMoDInjector:
         self.misaligned_layers: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------------------------
-    def arm(self, layout: TokenLayout) -> None:
-        """Start a micro-step: hook the layers for the coming forward of a batch with token ``layout``."""
+    def arm(self, layout: TokenLayout, scale: float) -> None:
+        """Start a micro-batch with token ``layout``; its constraint gradients are multiplied by ``scale``."""
         self.disarm()
         self._layout = layout
-        self._grads = {}
+        self._scale = float(scale)
+        self._counted = set()
         self.micro_steps += 1
         self.micro_steps_with_non_text += int(layout.has_non_text)
-        for i, adapter in enumerate(self.adapters):
-            self._hooks.append(
-                adapter.module.register_forward_hook(
-                    lambda module, args, kwargs, output, _i=i: self._on_forward(_i, args, kwargs), with_kwargs=True
+        for index, module in enumerate(self._lora_a):
+            if "forward" in module.__dict__:
+                raise RuntimeError(
+                    f"IMoD cannot run on {self.adapters[index].name}: its lora_A forward is already replaced (e.g. "
+                    "by an offloading hook). Train without CPU/disk offloading of the LoRA layers, or with imod=False."
                 )
-            )
+            module.forward = lambda x, _i=index: self._forward(_i, x)
+        self._armed = True
 
     def disarm(self) -> None:
-        """Remove the hooks (the forward is done); computed gradients stay until :meth:`gradient_surrogate`."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        """End the micro-batch (after its backward): ``lora_A`` runs ``F.linear`` again."""
+        if not self._armed:
+            return
+        for module in self._lora_a:
+            module.__dict__.pop("forward", None)
+        self._armed = False
         self._layout = None
 
-    def _on_forward(self, index: int, args: tuple, kwargs: dict) -> None:
-        if index in self._grads or self._layout is None:
-            return  # first call of the micro-step only
-        x = args[0] if args else kwargs.get("x")
-        adapter = self.adapters[index]
-        if not isinstance(x, torch.Tensor) or not self._layout.aligned(x):
-            self.misaligned_layers.add(adapter.name)
-            return
-        self.aligned_layers.add(adapter.name)
-        a = adapter.lora_A
-        zone = self._zone(index, a.device)
-        layout = self._layout.to(x.device)
-        grad, terms = constraint_gradient(a, zone, x.reshape(-1, x.shape[-1]), layout, self.lambda_msd, self.lambda_ma)
-        self._grads[index] = grad
+    def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        module = self._lora_a[index]
+        layout = self._layout
+        if layout is None or not layout.aligned(x):
+            if layout is not None and torch.is_grad_enabled():
+                self.misaligned_layers.add(self.adapters[index].name)
+            return F.linear(x, module.weight)
+        step = None
+        if torch.is_grad_enabled() and index not in self._counted:  # the call whose node the backward will use
+            self._counted.add(index)
+            self.aligned_layers.add(self.adapters[index].name)
+            step = lambda responses: self._response_grad(responses, layout.to(responses.device))  # noqa: E731
+        return ZonedLoraA.apply(x, module.weight, self._zone(index, module.weight.device), step)
+
+    def _response_grad(self, responses: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        grad, terms = response_gradient(responses, layout, self.lambda_msd, self.lambda_ma)
         self._record(terms.decoupling, terms.alignment, layout)
+        return grad * self._scale
 
     def _zone(self, index: int, device: torch.device) -> torch.Tensor:
         zone = self._zones.get(index)
@@ -124,22 +191,6 @@ class IMoDInjector:
         )
 
     # ---------------------------------------------------------------------------------------------------------------
-    def gradient_surrogate(self, scale: float, device: torch.device | None = None) -> torch.Tensor | None:
-        """``S - S.detach()`` with ``S = scale · Σ_l <A_l, g_l>`` (``None`` when no layer computed a gradient).
-
-        Its value is 0; its gradient is ``scale · g_l`` on each ``A_l``. Consumes the gradients of this micro-step.
-        """
-        grads, self._grads = self._grads, {}
-        if not grads:
-            return None
-        total = None
-        for index, grad in grads.items():
-            term = (self.adapters[index].lora_A.float() * grad).sum()
-            term = term.to(device) if device is not None else term
-            total = term if total is None else total + term
-        total = total * scale
-        return total - total.detach()
-
     def pop_metrics(self, device: torch.device) -> torch.Tensor:
         """``[Σ msd, #msd, Σ ma, #ma]`` since the last call (fp64 on ``device``), then reset."""
         sums = self._metric_sums

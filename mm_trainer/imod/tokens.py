@@ -26,6 +26,11 @@ class TokenLayout:
         text_index / non_text_index: Flat positions of the text / non-text tokens.
         text_sequence / non_text_sequence: Sequence of each of those positions.
         text_count / non_text_count: Tokens per sequence (float, ``num_sequences``).
+        membership: ``num_sequences x tokens``, 1 where a (non-padding) token belongs to a sequence.
+        text_mean / non_text_mean: ``num_sequences x tokens`` weights of the per-sequence mean over its text /
+            non-text tokens (``1 / count`` on them, 0 elsewhere): ``text_mean @ values`` averages per sequence.
+            Dense matrices keep the per-sequence reductions as matrix products, whose backward is fast, rather than
+            scatter / index-add.
     """
 
     shape: torch.Size
@@ -36,6 +41,9 @@ class TokenLayout:
     non_text_sequence: torch.Tensor
     text_count: torch.Tensor
     non_text_count: torch.Tensor
+    membership: torch.Tensor
+    text_mean: torch.Tensor
+    non_text_mean: torch.Tensor
     _by_device: dict[torch.device, TokenLayout] = field(default_factory=dict, repr=False)
     _positions: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
@@ -63,6 +71,10 @@ class TokenLayout:
         non_text_index = non_text.nonzero().flatten()
         text_sequence = seq[text_index]
         non_text_sequence = seq[non_text_index]
+        text_count = torch.bincount(text_sequence, minlength=num_sequences).float()
+        non_text_count = torch.bincount(non_text_sequence, minlength=num_sequences).float()
+        membership = (seq[None, :] == torch.arange(num_sequences, device=seq.device)[:, None]) & (flat != PAD)[None]
+        membership = membership.float()
         return cls(
             shape=classes.shape,
             num_sequences=num_sequences,
@@ -70,8 +82,11 @@ class TokenLayout:
             text_sequence=text_sequence,
             non_text_index=non_text_index,
             non_text_sequence=non_text_sequence,
-            text_count=torch.bincount(text_sequence, minlength=num_sequences).float(),
-            non_text_count=torch.bincount(non_text_sequence, minlength=num_sequences).float(),
+            text_count=text_count,
+            non_text_count=non_text_count,
+            membership=membership,
+            text_mean=membership * text.float()[None] / text_count.clamp(min=1)[:, None],
+            non_text_mean=membership * non_text.float()[None] / non_text_count.clamp(min=1)[:, None],
         )
 
     @property
@@ -102,6 +117,9 @@ class TokenLayout:
                 non_text_sequence=self.non_text_sequence.to(device),
                 text_count=self.text_count.to(device),
                 non_text_count=self.non_text_count.to(device),
+                membership=self.membership.to(device),
+                text_mean=self.text_mean.to(device),
+                non_text_mean=self.non_text_mean.to(device),
             )
         return self._by_device[device]
 

@@ -60,9 +60,9 @@ class ZonedLoraA(torch.autograd.Function):
             w32 = weight.float()
             stacked = torch.cat([w32, zone_weights(w32, zone)])  # [A; A⊙M_o; A⊙M_t; A⊙M_s], 4r x d
             products = x.reshape(-1, d).float() @ stacked.T  # one read of X
-        ctx.response_grad = step(products[:, r:]) if step is not None else None
+        ctx.response_grad = step(products[:, r:].contiguous()) if step is not None else None
         ctx.save_for_backward(x, weight, zone)
-        return products[:, :r].reshape(*x.shape[:-1], r).to(out_dtype)
+        return products[:, :r].to(out_dtype).contiguous().reshape(*x.shape[:-1], r)
 
     @staticmethod
     def backward(ctx: Any, grad_u: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:

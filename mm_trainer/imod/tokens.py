@@ -31,6 +31,8 @@ class TokenLayout:
             non-text tokens (``1 / count`` on them, 0 elsewhere): ``text_mean @ values`` averages per sequence.
             Dense matrices keep the per-sequence reductions as matrix products, whose backward is fast, rather than
             scatter / index-add.
+        text_weight / non_text_weight: Per token, its weight in its sequence's text / non-text mean (the column sums
+            of ``text_mean`` / ``non_text_mean``).
     """
 
     shape: torch.Size
@@ -44,6 +46,8 @@ class TokenLayout:
     membership: torch.Tensor
     text_mean: torch.Tensor
     non_text_mean: torch.Tensor
+    text_weight: torch.Tensor
+    non_text_weight: torch.Tensor
     _by_device: dict[torch.device, TokenLayout] = field(default_factory=dict, repr=False)
     _positions: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
@@ -75,6 +79,8 @@ class TokenLayout:
         non_text_count = torch.bincount(non_text_sequence, minlength=num_sequences).float()
         membership = (seq[None, :] == torch.arange(num_sequences, device=seq.device)[:, None]) & (flat != PAD)[None]
         membership = membership.float()
+        text_mean = membership * text.float()[None] / text_count.clamp(min=1)[:, None]
+        non_text_mean = membership * non_text.float()[None] / non_text_count.clamp(min=1)[:, None]
         return cls(
             shape=classes.shape,
             num_sequences=num_sequences,
@@ -85,8 +91,10 @@ class TokenLayout:
             text_count=text_count,
             non_text_count=non_text_count,
             membership=membership,
-            text_mean=membership * text.float()[None] / text_count.clamp(min=1)[:, None],
-            non_text_mean=membership * non_text.float()[None] / non_text_count.clamp(min=1)[:, None],
+            text_mean=text_mean,
+            non_text_mean=non_text_mean,
+            text_weight=text_mean.sum(0),
+            non_text_weight=non_text_mean.sum(0),
         )
 
     @property
@@ -120,6 +128,8 @@ class TokenLayout:
                 membership=self.membership.to(device),
                 text_mean=self.text_mean.to(device),
                 non_text_mean=self.non_text_mean.to(device),
+                text_weight=self.text_weight.to(device),
+                non_text_weight=self.non_text_weight.to(device),
             )
         return self._by_device[device]
 

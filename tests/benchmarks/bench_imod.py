@@ -9,8 +9,9 @@ each) and a ~260-token answer. Goal: <= 1.10x time, <= 1.05x memory.
 
 - **Time**: both trainers are built in this process and their ``training_step`` (forward + backward, IMoD's injection
   included; the optimizer step, identical for both, is not timed, which makes the ratio conservative) alternates on
-  the same batch; we report medians of wall time and of the process's CPU time (the 2 cores are shared with other
-  jobs: CPU time is the steadier measure of the work). A third trainer times a dominance-measuring step.
+  the same batch; we report the minimum and the median over the repetitions, of wall time and of the process's CPU
+  time (the 2 cores are shared with other jobs; the minimum is the least disturbed run). ``BENCH_THREADS`` sets the
+  torch threads (default 2). A third trainer times a dominance-measuring step.
 - **Memory**: each mode runs in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors leave the
   RSS); the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` once model and batch are built) during 3
   steps minus the RSS before them is the memory the steps need; the process peak is printed too.
@@ -182,6 +183,8 @@ def main() -> None:
                 wall, cpu = step(trainer, b)
                 walls[mode].append(wall)
                 cpus[mode].append(cpu)
+        measured = trainers["dominance"][0].modality_balance.dominance.history
+        assert len(measured) == opts.reps + 1, "every step of the dominance trainer measures the rate"
         med = {m: statistics.median(v) for m, v in walls.items()}
         med_cpu = {m: statistics.median(v) for m, v in cpus.items()}
 
@@ -202,15 +205,19 @@ def main() -> None:
         print(f"{label:30s}{plain:{fmt}}{other:{fmt}}{other / plain:9.3f}{note}")
 
     print(f"{'':30s}{'plain LoRA':>14s}{'IMoD':>14s}{'ratio':>9s}")
+    mins = {m: min(v) for m, v in walls.items()}
+    mins_cpu = {m: min(v) for m, v in cpus.items()}
+    row("step time, min wall (s)", mins["plain"], mins["imod"])
+    row("step time, min CPU (s)", mins_cpu["plain"], mins_cpu["imod"])
     row("step time, median wall (s)", med["plain"], med["imod"])
     row("step time, median CPU (s)", med_cpu["plain"], med_cpu["imod"])
     step_mem = {m: mem[m]["peak"] - mem[m]["rss_before"] for m in mem}
     row("step memory (MiB)", step_mem["plain"] * mib, step_mem["imod"] * mib, "14.1f")
     row("process peak RSS (MiB)", mem["plain"]["peak"] * mib, mem["imod"]["peak"] * mib, "14.1f")
     row(
-        "dominance step, CPU (s)",
-        med_cpu["plain"],
-        med_cpu["dominance"],
+        "dominance step, min CPU (s)",
+        mins_cpu["plain"],
+        mins_cpu["dominance"],
         note="   (plain LoRA measuring the rate: once every dominance_steps)",
     )
     print(f"wall times (s): { {m: [round(t, 2) for t in v] for m, v in walls.items()} }")

@@ -24,8 +24,8 @@ non-reentrant activation checkpointing (its recomputation in the backward runs t
 tensors identical, but computes no constraint and its node is not the one the backward uses), the recomputation under
 reentrant checkpointing (whose first forward runs without autograd), and never the extra no-grad forward some TRL
 loss paths run. Because the constraint gradient is kept on the node of the call that counted, nothing is counted
-twice. What stays in memory until the backward: ``∂C/∂Z``, ``tokens x 3r`` fp32 per layer (the input ``X`` itself,
-``tokens x d``, is kept by autograd for LoRA anyway).
+twice. What stays in memory until the backward: ``∂C/∂Z`` in ``tokens x 2r`` fp32 per layer (see
+:class:`ZonedLoraA`); the input ``X`` itself, ``tokens x d``, is kept by autograd for LoRA anyway.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ from .tokens import TokenLayout
 class ZonedLoraA(torch.autograd.Function):
     """``u = x Aᵀ`` whose backward adds a precomputed constraint gradient to ``∇A`` in the same product.
 
-    ``forward(x, weight, zone, step)``: ``step`` is a callable that receives the zone responses (``tokens x 3r``, fp32)
-    and returns ``∂C/∂Z`` to inject (or ``None`` to inject nothing).
+    ``forward(x, weight, zone, step)``: ``step`` is ``None`` (plain LoRA, in the wider product) or a callable that
+    receives the zone responses ``Z`` (``tokens x 3r``, fp32) and returns ``∂C/∂Z`` compactly, as
+    ``(exclusive, shared, text_rows)``: a text token's gradient only has an ``M_o`` block and a non-text token's only
+    an ``M_t`` block, so both fit in one ``tokens x r`` tensor ``exclusive``; ``shared`` is the ``M_s`` block and
+    ``text_rows`` (``tokens x 1``) is 1 on text tokens. That is what stays in memory until the backward.
     """
 
     @staticmethod
@@ -74,7 +77,12 @@ class ZonedLoraA(torch.autograd.Function):
             grad_x = (grad_u @ weight.float()).to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             response_grad = ctx.response_grad
-            left = grad_u if response_grad is None else torch.cat([grad_u, response_grad], dim=1)
+            if response_grad is None:
+                left = grad_u
+            else:
+                exclusive, shared, text_rows = response_grad
+                non_text_part = exclusive * text_rows  # ∂C/∂(A⊙M_o)x lives on text tokens
+                left = torch.cat([grad_u, non_text_part, exclusive - non_text_part, shared], dim=1)
             products = left.T @ x.reshape(-1, d).float()  # one read of X for task and constraint
             grad = products[:r]
             if response_grad is not None:
@@ -167,10 +175,15 @@ class IMoDInjector:
             step = lambda responses: self._response_grad(responses, layout.to(responses.device))  # noqa: E731
         return ZonedLoraA.apply(x, module.weight, self._zone(index, module.weight.device), step)
 
-    def _response_grad(self, responses: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def _response_grad(
+        self, responses: torch.Tensor, layout: TokenLayout
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         grad, terms = response_gradient(responses, layout, self.lambda_msd, self.lambda_ma)
         self._record(terms.decoupling, terms.alignment, layout)
-        return grad * self._scale
+        r = grad.shape[1] // 3
+        grad = grad * self._scale
+        # The M_o block is zero off text tokens and the M_t block off non-text tokens: one r-wide tensor holds both.
+        return grad[:, :r] + grad[:, r : 2 * r], grad[:, 2 * r :].contiguous(), layout.text_rows
 
     def _zone(self, index: int, device: torch.device) -> torch.Tensor:
         zone = self._zones.get(index)

@@ -50,6 +50,7 @@ class TokenLayout:
     non_text_weight: torch.Tensor
     _by_device: dict[torch.device, TokenLayout] = field(default_factory=dict, repr=False)
     _positions: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    _text_rows: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, Any], config: Any) -> TokenLayout:
@@ -96,6 +97,13 @@ class TokenLayout:
             text_weight=text_mean.sum(0),
             non_text_weight=non_text_mean.sum(0),
         )
+
+    @property
+    def text_rows(self) -> torch.Tensor:
+        """``tokens x 1`` float, 1 on text tokens (computed once)."""
+        if self._text_rows is None:
+            self._text_rows = (self.text_weight > 0).float()[:, None]
+        return self._text_rows
 
     @property
     def has_non_text(self) -> bool:

@@ -289,7 +289,7 @@ def test_batches_without_non_text_tokens_warn(tmp_path):
     assert trainer.audit_sections["imod"]()["micro_steps_with_non_text"] == 0
 
 
-def test_imod_needs_language_model_lora(tmp_path):
+def test_imod_refuses_what_it_cannot_split(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="constrains LoRA Linear layers of the language model"):
         MMSFTTrainer(
             model=tiny_model(FAMILY),
@@ -305,6 +305,16 @@ def test_imod_needs_language_model_lora(tmp_path):
             train_dataset=image_text_dataset(4, family=FAMILY),
             processing_class=make_processor(FAMILY),
             peft_config=LoraConfig(r=4, target_modules=["q_proj"], use_dora=True),
+        )
+    # A config that names no image placeholder id: no way to tell image tokens from text.
+    monkeypatch.setattr("mm_trainer.imod.balance.placeholder_ids", lambda config: {})
+    with pytest.raises(ValueError, match="token id of the image placeholders"):
+        MMSFTTrainer(
+            model=tiny_model(FAMILY),
+            args=_args(tmp_path, target_probe=False),
+            train_dataset=image_text_dataset(4, family=FAMILY),
+            processing_class=make_processor(FAMILY),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
         )
 
 

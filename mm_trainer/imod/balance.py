@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..modality import ModalityProfile
+from ..modality import NON_TEXT_MODALITIES, ModalityProfile, placeholder_ids
 from .dominance import DominanceTracker, lora_linear_modules
 from .inject import IMoDInjector
 from .masks import IMoDMasks
@@ -86,15 +86,27 @@ class ModalityBalance:
         profile: ModalityProfile = trainer.modality_profile
         candidates = [a for a in trainer.adapters if a.tower == "language" and lora_linear_modules(a) is not None]
         imod_on = bool(args.imod) and not profile.text_only
+        # Token positions come from placeholder ids: without them no batch can be split into modalities.
+        known = placeholder_ids(trainer.model.config)
+        unknown = sorted(m for m in profile.modalities if m in NON_TEXT_MODALITIES and m not in known)
         injector = None
         if imod_on:
+            if unknown:
+                raise ValueError(
+                    f"imod=True needs the token id of the {', '.join(unknown)} placeholders to tell text from non-text "
+                    "tokens, but the model config names none (e.g. `image_token_id`). Set it on the config, e.g. "
+                    "`model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids('<image>')`."
+                )
             _check_imod_model(trainer, candidates)
             seed = args.imod_seed if args.imod_seed is not None else args.seed
             masks = IMoDMasks.build(candidates, trainer.model, seed, args.imod_shared_ratio, args.imod_alpha)
             injector = IMoDInjector(candidates, masks, args.imod_lambda_msd, args.imod_lambda_ma)
         dominance = None
         if args.dominance_steps > 0 and not profile.text_only and candidates:
-            dominance = DominanceTracker(candidates)
+            if unknown:
+                logger.warning("Non-Text Dominance Rate off: the model config names no %s placeholder id.", unknown)
+            else:
+                dominance = DominanceTracker(candidates)
         if injector is None and dominance is None:
             return None
         return cls(injector, dominance, args.dominance_steps)
@@ -111,10 +123,13 @@ class ModalityBalance:
 
         They stay armed through the backward, until :meth:`after_backward`.
         """
+        measure = self.measures(trainer.state.global_step + 1)
+        if self.injector is None and not measure:
+            return
         layout = TokenLayout.from_batch(inputs, trainer.model.config)
         if self.injector is not None:
             self.injector.arm(layout, self.constraint_scale(trainer))
-        if self.measures(trainer.state.global_step + 1):
+        if measure:
             self.dominance.arm(layout)
 
     @staticmethod

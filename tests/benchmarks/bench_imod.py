@@ -17,13 +17,15 @@ each) and a ~260-token answer. Goal: <= 1.10x time, <= 1.05x memory.
   steps minus the RSS before them is the memory the steps need; the process peak is printed too.
 
 FLOP bound of the extra work, per constrained layer with ``A`` of ``r x d_in``, base weight ``d_in x d_out`` and
-``N`` tokens (``N_t`` text, ``N_o`` non-text, ``N_t + N_o <= N``): the forward of the constraints multiplies the text
-rows by ``[A⊙M_o; A⊙M_s]ᵀ`` (``2·N_t·d_in·2r``) and the non-text rows by ``[A⊙M_t; A⊙M_s]ᵀ`` (``2·N_o·d_in·2r``),
-``4·N·d_in·r`` in all; the gradient w.r.t. ``A`` costs the same again: ``8·N·d_in·r`` (plus ``O(N·r)`` for means and
-cosines). The layer itself costs at least ``4·N·d_in·d_out`` (frozen base: forward and input gradient; LoRA, attention
-and the LM head only add to it), so the extra FLOPs are at most ``2·r·Σ d_in / Σ (d_in·d_out)`` of the adapted
-layers' base FLOPs, summed over the constrained layers. The script prints that bound for its model and, for scale,
-for Qwen2.5-VL-7B's language model (hidden 3584, intermediate 18944, 28 layers).
+``N`` tokens. IMoD widens LoRA's own two products with ``X`` (see :mod:`mm_trainer.imod.inject`): the forward
+computes ``X @ [A; A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``3r`` more columns: ``2·N·d_in·3r``) and the backward
+``[∂L/∂u | ∂C/∂Z]ᵀ X`` (``3r`` more rows: ``2·N·d_in·3r``), ``12·N·d_in·r`` in all, plus ``O(N·r)`` for the
+constraints themselves and ``O(r·d_in)`` for the masks. (Computing only the rows each term needs would take
+``8·N·d_in·r`` but two more reads of ``X``; the products are bound by reading ``X``, so we take the FLOPs.) The layer
+itself costs at least ``4·N·d_in·d_out`` (frozen base: forward and input gradient; LoRA, attention and the LM head
+only add to it), so the extra FLOPs are at most ``3·r·Σ d_in / Σ (d_in·d_out)`` of the constrained layers' base
+FLOPs. The script prints that bound for its model and, for scale, for Qwen2.5-VL-7B's language model (hidden 3584,
+intermediate 18944, 28 layers).
 """
 
 from __future__ import annotations
@@ -123,10 +125,10 @@ def worker(mode: str, opts: argparse.Namespace) -> None:
 
 
 def flop_bound(adapters: list, rank: int) -> float:
-    """``2·r·Σ d_in / Σ (d_in·d_out)`` over the constrained adapters (see the module docstring)."""
+    """``3·r·Σ d_in / Σ (d_in·d_out)`` over the constrained adapters (see the module docstring)."""
     sum_in = sum(a.lora_A.shape[1] for a in adapters)
     sum_base = sum(a.lora_A.shape[1] * a.lora_B.shape[0] for a in adapters)
-    return 2 * rank * sum_in / sum_base
+    return 3 * rank * sum_in / sum_base
 
 
 def qwen7b_bound(rank: int) -> float:
@@ -140,7 +142,7 @@ def qwen7b_bound(rank: int) -> float:
         (hidden, inter),
         (inter, hidden),
     ]
-    return 2 * rank * sum(i for i, _ in shapes) / sum(i * o for i, o in shapes)
+    return 3 * rank * sum(i for i, _ in shapes) / sum(i * o for i, o in shapes)
 
 
 def main() -> None:

@@ -51,7 +51,9 @@ class MMSFTConfig(SFTConfig):
 
         imod (`bool`, *optional*, defaults to `False`):
             Split each LoRA A matrix by seeded masks into text / non-text / shared parts and inject the MSDC and MAAC
-            constraint gradients into A's gradient. Needs data with non-text tokens.
+            constraint gradients into A's gradient (LoRA Linear layers of the language model; adapters elsewhere
+            train as plain LoRA). Needs data with non-text tokens. Adds no parameter: the saved adapter is a plain
+            LoRA adapter. See `mm_trainer.imod`.
         imod_shared_ratio (`float`, *optional*, defaults to `0.2`):
             Shared ratio of the first layer, r_s(0).
         imod_alpha (`float`, *optional*, defaults to `0.4`):
@@ -65,8 +67,10 @@ class MMSFTConfig(SFTConfig):
         imod_text_only (`str`, *optional*, defaults to `"error"`):
             What `imod=True` does on text-only data: `"error"` or `"warn"` (then trains as plain LoRA).
         dominance_steps (`int`, *optional*, defaults to `50`):
-            Every this many steps, estimate the Non-Text Dominance Rate (share of adapter parameters whose Fisher
-            information from non-text tokens exceeds that from text tokens) when the data is multimodal. `0` disables.
+            At step 1 and every this many steps, estimate the Non-Text Dominance Rate (share of the language model's
+            LoRA parameters whose Fisher information from non-text tokens exceeds that from text tokens) on that
+            step's batch, when the data is multimodal, with or without `imod`. Logged as `dominance/non_text_rate`
+            and written to the audit. `0` disables.
 
         > 4-bit
 

@@ -19,6 +19,7 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id
 from .adapters import LoraAdapter, lora_adapters
 from .audit import TrainingAuditor
 from .config import MMSFTConfig
+from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .plan_report import print_plan
 from .probe import ProbeResult, build_probe_batch, choose_probe_rows, probe_reachability
@@ -88,6 +89,7 @@ class MMSFTTrainer(SFTTrainer):
         self.tower_map: TowerMap = map_towers(model)
         self.modality_profile: ModalityProfile = self._profile(train_dataset, args)
         self._check_model_fits_data(model, processing_class)
+        check_imod_data(args, self.modality_profile)
         self.target_plan: TargetPlan | None = None
         self.released_towers: list[ReleaseRecord] = []
         if peft_config is not None and not _is_peft_model(model):
@@ -137,6 +139,10 @@ class MMSFTTrainer(SFTTrainer):
         if self.adapters and (self.args.tower_telemetry or self.args.audit):
             self.telemetry = TowerTelemetry(self.adapters)
             self.telemetry.watch_forward()
+        # IMoD gradient injection and the Non-Text Dominance Rate (None when neither applies).
+        self.modality_balance: ModalityBalance | None = ModalityBalance.for_trainer(self)
+        if self.modality_balance is not None:
+            self.audit_sections.update(self.modality_balance.audit_sections())
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
 
@@ -271,8 +277,21 @@ class MMSFTTrainer(SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Training hooks
     # ----------------------------------------------------------------------------------------------------------------
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if self.modality_balance is not None and self.model.training:
+            # Arms IMoD's gradient injection and the dominance-rate hooks for this micro-batch (disarmed after the
+            # backward, in training_step). The loss itself is not changed.
+            self.modality_balance.begin_micro_step(self, inputs)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.modality_balance is not None:
+            self.modality_balance.after_backward(self)
         if self.telemetry is not None and self.accelerator.sync_gradients:
             # Gradients of the optimizer step are complete (accumulated, reduced across ranks) and not yet clipped.
             self.telemetry.collect()
@@ -284,6 +303,8 @@ class MMSFTTrainer(SFTTrainer):
             metrics = self.telemetry.flush(self.state.global_step)
             if self.args.tower_telemetry:
                 logs.update(metrics)
+        if self.modality_balance is not None and self.model.training and "loss" in logs:
+            logs.update(self.modality_balance.log_metrics(self))
         super().log(logs, start_time)
 
     def _sync_fired(self) -> None:
@@ -336,6 +357,7 @@ class MMSFTTrainer(SFTTrainer):
             "released_towers": [r.to_dict() for r in self.released_towers],
             "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
             "audit_init": self.auditor.state_dict() if self.auditor is not None else None,
+            "modality_balance": self.modality_balance.state_dict() if self.modality_balance is not None else None,
             "global_step": self.state.global_step,
         }
 
@@ -362,6 +384,8 @@ class MMSFTTrainer(SFTTrainer):
         self._sync_fired()  # so that a save after training sees what every rank ran
         if self.auditor is not None and self.is_world_process_zero():
             self.auditor.print_summary()
+        if self.modality_balance is not None:
+            self.modality_balance.warn_if_unused()
         return output
 
     def _load_state(self, checkpoint: Path) -> None:
@@ -385,6 +409,8 @@ class MMSFTTrainer(SFTTrainer):
             self.telemetry.load_state_dict(state["telemetry"])
         if self.auditor is not None:
             self.auditor.load_state_dict(state.get("audit_init"))
+        if self.modality_balance is not None:
+            self.modality_balance.load_state_dict(state.get("modality_balance"), checkpoint)
 
 
 def _is_peft_model(model: Any) -> bool:

@@ -1,0 +1,48 @@
+"""IMoD (Implicit Modality Decomposition) for LoRA, and the Non-Text Dominance Rate.
+
+- :mod:`.masks`: seeded element-wise text / non-text / shared masks of every LoRA ``A``.
+- :mod:`.tokens`: where the text and non-text tokens of a batch sit, per sequence.
+- :mod:`.constraints`: the MSDC and MAAC constraints and their gradient w.r.t. ``A`` (fp32).
+- :mod:`.inject`: injecting that gradient into the task's backward.
+- :mod:`.dominance`: per-modality Fisher estimates and the Non-Text Dominance Rate.
+- :mod:`.balance`: the wiring into :class:`~mm_trainer.MMSFTTrainer`.
+"""
+
+from __future__ import annotations
+
+from .balance import ModalityBalance, check_imod_data
+from .constraints import ConstraintTerms, constraint_terms, imod_constraints, response_gradient
+from .dominance import DominanceTracker
+from .inject import IMoDInjector, ZonedLoraA
+from .masks import (
+    NON_TEXT_ZONE,
+    SHARED_ZONE,
+    TEXT_ZONE,
+    IMoDMasks,
+    LayerMask,
+    build_zone,
+    layer_position,
+    shared_ratio,
+)
+from .tokens import TokenLayout
+
+__all__ = [
+    "NON_TEXT_ZONE",
+    "SHARED_ZONE",
+    "TEXT_ZONE",
+    "ConstraintTerms",
+    "DominanceTracker",
+    "IMoDInjector",
+    "IMoDMasks",
+    "LayerMask",
+    "ModalityBalance",
+    "TokenLayout",
+    "ZonedLoraA",
+    "build_zone",
+    "check_imod_data",
+    "constraint_terms",
+    "imod_constraints",
+    "layer_position",
+    "response_gradient",
+    "shared_ratio",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -67,3 +68,18 @@ def test_init_study_two_steps_per_scheme(tmp_path, capsys):
     assert (tmp_path / "compare.png").is_file()
     out = capsys.readouterr().out
     assert all(scheme in out for scheme in recipe.SCHEMES)
+
+
+@pytest.mark.parametrize("config", [None, "qwen_vl_imod_loftq.yaml"], ids=["imod", "imod-loftq"])
+def test_qwen_vl_imod_sft_two_steps(tmp_path, config):
+    recipe = load_recipe("qwen_vl_imod_sft")
+    argv = ["--config", str(RECIPES / "configs" / config)] if config else []
+    result = recipe.main(
+        [*argv, "--output_dir", str(tmp_path), "--max_steps", "2", "--train_samples", "16", "--eval_samples", "4",
+         "--logging_steps", "1", "--per_device_train_batch_size", "4", "--use_cpu", "true"]
+    )  # fmt: skip
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "audit.json").is_file()
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert "imod" in audit["sections"] and audit["training"]["imod"] is True
+    assert ("quantization" in audit["sections"]) == (config is not None)
+    assert result["non_text_dominance_rate"]  # measured at step 1 on image-text data

@@ -31,6 +31,7 @@ from tests.kit import (
     save_tiny,
     text_dataset,
     tiny_model,
+    training_args,
 )
 
 SUFFIXES = ["q_proj", "v_proj", "down_proj"]
@@ -38,21 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(cls, out, **kw):
-    base = dict(
-        output_dir=str(out),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        bf16=False,
-    )
-    base.update(kw)
-    return cls(**base)
+    return training_args(out, cls, **kw)
 
 
 def _audit(path) -> dict:

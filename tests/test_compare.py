@@ -9,21 +9,17 @@ import statistics
 import pytest
 from peft import LoraConfig
 
-from mm_trainer import MMSFTConfig, MMSFTTrainer
+from mm_trainer import MMSFTTrainer
 from mm_trainer.cli.main import main
 from mm_trainer.compare import RunDirError, compare, draw, load_runs
-from tests.kit import make_tokenizer, text_dataset, tiny_model
+from tests.kit import make_tokenizer, text_dataset, tiny_model, training_args
 
 
 def _train(tmp_path, name, init, steps, logging_steps):
     out = tmp_path / name
     trainer = MMSFTTrainer(
         model=tiny_model("qwen2_5_vl"),
-        args=MMSFTConfig(
-            output_dir=str(out), max_steps=steps, logging_steps=logging_steps, per_device_train_batch_size=2,
-            learning_rate=5e-3, report_to="none", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True,
-            seed=1,
-        ),
+        args=training_args(out, max_steps=steps, logging_steps=logging_steps, learning_rate=5e-3, seed=1),
         train_dataset=text_dataset(24),
         processing_class=make_tokenizer("qwen2_5_vl"),
         peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init),

@@ -14,32 +14,15 @@ from transformers import TrainerCallback
 from mm_trainer import MMSFTConfig, MMSFTTrainer
 from mm_trainer.modality import token_modality
 from tests.imod_reference import causal_lm_loss, reference_constraints
-from tests.kit import image_text_dataset, make_processor, mixed_dataset, text_dataset, tiny_model
+from tests.kit import image_text_dataset, make_processor, mixed_dataset, text_dataset, tiny_model, training_args
 
 FAMILY = "qwen2_5_vl"
 SUFFIXES = ["q_proj", "v_proj", "down_proj"]  # down_proj also matches the vision tower's MLPs
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        max_length=None,
-        imod=True,
-        dominance_steps=0,
-    )
-    base.update(kw)
-    return MMSFTConfig(**base)
+    imod_defaults = {"gradient_checkpointing": False, "max_length": None, "imod": True, "dominance_steps": 0}
+    return training_args(tmp_path, MMSFTConfig, **{**imod_defaults, **kw})
 
 
 def _trainer(tmp_path, data=None, init_lora_weights=False, **kw) -> MMSFTTrainer:

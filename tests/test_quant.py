@@ -32,6 +32,7 @@ from tests.kit import (
     save_tiny,
     text_dataset,
     tiny_model,
+    training_args,
 )
 
 FAMILY = "qwen2_5_vl"
@@ -39,21 +40,7 @@ LANGUAGE = "model.language_model."
 
 
 def _args(tmp_path, **kw) -> MMSFTConfig:
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        bf16=False,
-    )
-    base.update(kw)
-    return MMSFTConfig(**base)
+    return training_args(tmp_path, MMSFTConfig, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -19,27 +19,14 @@ from tests.kit import (
     mixed_dataset,
     text_dataset,
     tiny_model,
+    training_args,
 )
 
 SUFFIXES = ["q_proj", "v_proj", "down_proj"]
 
 
 def _args(cls, tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        bf16=False,  # TRL defaults to bf16 autocast, which would blur the 1e-5 logit comparisons
-    )
-    base.update(kw)
-    return cls(**base)
+    return training_args(tmp_path, cls, **kw)
 
 
 def _adapter(trainer) -> dict[str, torch.Tensor]:

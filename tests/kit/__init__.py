@@ -37,6 +37,7 @@ from .models import (  # noqa: E402
 )
 from .processors import PROCESSOR_FAMILIES, make_processor  # noqa: E402
 from .tokenizer import AUDIO_FAMILIES, FAMILIES, VLM_FAMILIES, make_tokenizer  # noqa: E402
+from .training import FAST_CPU_TRAINING, training_args  # noqa: E402
 
 _PLACEHOLDER_ATTRS: dict[str, tuple[str, ...]] = {
     "image": ("image_token_id", "image_token_index"),
@@ -76,6 +77,7 @@ def save_tiny(family: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
 
 __all__ = [
     "ARCHITECTURES",
+    "FAST_CPU_TRAINING",
     "AUDIO_FAMILIES",
     "FAMILIES",
     "NO_GRADIENT_BY_DESIGN",
@@ -97,4 +99,5 @@ __all__ = [
     "text_dataset",
     "tiny_config",
     "tiny_model",
+    "training_args",
 ]

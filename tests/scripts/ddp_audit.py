@@ -12,24 +12,18 @@ from pathlib import Path
 from peft import LoraConfig
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from tests.kit import make_processor, mixed_dataset, tiny_model
+from tests.kit import make_processor, mixed_dataset, tiny_model, training_args
 
 
 def main(output_dir: str) -> None:
     family = "qwen2_5_vl"
-    args = MMSFTConfig(
-        output_dir=output_dir,
+    args = training_args(
+        output_dir,
+        MMSFTConfig,
         max_steps=4,
         per_device_train_batch_size=1,
-        learning_rate=1e-2,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        bf16=False,
         max_length=None,
     )
     trainer = MMSFTTrainer(

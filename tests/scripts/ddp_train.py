@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from tests.kit import make_processor, make_tokenizer, mixed_dataset, text_dataset, tiny_model
+from tests.kit import make_processor, make_tokenizer, mixed_dataset, text_dataset, tiny_model, training_args
 
 
 def main(out: Path, data: str = "text") -> None:
@@ -25,20 +25,7 @@ def main(out: Path, data: str = "text") -> None:
         dataset, processing = text_dataset(16), make_tokenizer(family)
     else:
         dataset, processing = mixed_dataset(16, family=family), make_processor(family)
-    args = MMSFTConfig(
-        output_dir=str(out / "run"),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=3,
-        disable_tqdm=True,
-        max_length=None,
-    )
+    args = training_args(out / "run", MMSFTConfig, max_steps=4, seed=3, max_length=None)
     trainer = MMSFTTrainer(
         model=tiny_model(family),
         args=args,

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from transformers import TrainerCallback
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from tests.kit import make_processor, mixed_dataset, tiny_model
+from tests.kit import make_processor, mixed_dataset, tiny_model, training_args
 
 FAMILY = "qwen2_5_vl"
 
@@ -43,18 +43,11 @@ def run(out: Path, batch_size: int, steps: int = 3) -> MMSFTTrainer:
     process with the global batch and two with half of it each must compute the same gradients, and any mistake in
     how the injected term is scaled under DDP shows.
     """
-    args = MMSFTConfig(
-        output_dir=str(out / "run"),
+    args = training_args(
+        out / "run",
+        MMSFTConfig,
         max_steps=steps,
         per_device_train_batch_size=batch_size,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=7,
-        disable_tqdm=True,
-        bf16=False,
         gradient_checkpointing=False,
         max_length=None,
         imod=True,

@@ -17,13 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from peft import EvaConfig, LoraConfig
-from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ScriptArguments, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import embedded  # noqa: E402
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer  # noqa: E402
@@ -40,32 +39,18 @@ class StudyArguments(ScriptArguments):
     train_samples: int = field(default=2000, metadata={"help": "Rows of the embedded training set."})
 
 
-DEFAULTS = {
-    "output_dir": "outputs/init_study",
-    "max_steps": 120,
-    "per_device_train_batch_size": 16,
-    "learning_rate": 2e-3,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 5,
-    "logging_steps": 4,
-    "save_strategy": "no",
-    "report_to": "none",
-    "bf16": torch.cuda.is_available(),
-    "gradient_checkpointing": False,
-    "max_length": 256,
-    "use_peft": True,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "lora_target_modules": ["all-linear"],
-}
-
-
-def parser() -> TrlParser:
+def parser():
     """The study's parser, with its defaults (a `--config` YAML and the command line override them)."""
-    p = TrlParser((StudyArguments, MMSFTConfig, ModelConfig))
-    p.set_defaults(**DEFAULTS)
-    return p
+    return common.make_parser(
+        StudyArguments,
+        output_dir="outputs/init_study",
+        max_steps=120,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        warmup_steps=5,
+        logging_steps=4,
+        max_length=256,
+    )
 
 
 def scheme_setup(scheme: str, peft_config: LoraConfig, args: MMSFTConfig) -> tuple[LoraConfig, MMSFTConfig]:
@@ -97,11 +82,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     run_dirs = []
     for scheme in study_args.schemes:
         peft_config, args = scheme_setup(scheme, base_peft, training_args)
-        if embedded.is_embedded(model_args.model_name_or_path):
-            model, tokenizer = embedded.embedded_model(seed=training_args.seed), embedded.embedded_tokenizer()
-        else:
-            model = model_args.model_name_or_path
-            tokenizer = AutoTokenizer.from_pretrained(model)
+        model, tokenizer = common.load_model(model_args, args)
         trainer = MMSFTTrainer(
             model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
         )

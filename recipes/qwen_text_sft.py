@@ -15,21 +15,19 @@ Multi-GPU: add `--config_file recipes/accelerate/multi_gpu.yaml` (or fsdp.yaml, 
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from datasets import load_dataset
-from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ScriptArguments, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import embedded  # noqa: E402
 
-from mm_trainer import MMSFTConfig, MMSFTTrainer  # noqa: E402
+from mm_trainer import MMSFTTrainer  # noqa: E402
 from mm_trainer.evaluation import exact_match_accuracy  # noqa: E402
 
 
@@ -42,34 +40,16 @@ class RecipeArguments(ScriptArguments):
     max_new_tokens: int = field(default=24, metadata={"help": "Generation budget of each evaluated answer."})
 
 
-DEFAULTS = {
-    # MMSFTConfig
-    "output_dir": "outputs/qwen_text_sft",
-    "max_steps": 600,
-    "per_device_train_batch_size": 16,
-    "learning_rate": 3e-3,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 10,
-    "logging_steps": 10,
-    "save_strategy": "no",
-    "report_to": "none",
-    "bf16": torch.cuda.is_available(),
-    "gradient_checkpointing": False,
-    "max_length": 256,
-    # ModelConfig
-    "use_peft": True,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "lora_target_modules": ["all-linear"],
-}
-
-
-def parser() -> TrlParser:
+def parser():
     """The recipe's parser, with its defaults (a `--config` YAML and the command line override them)."""
-    p = TrlParser((RecipeArguments, MMSFTConfig, ModelConfig))
-    p.set_defaults(**DEFAULTS)
-    return p
+    return common.make_parser(
+        RecipeArguments,
+        output_dir="outputs/qwen_text_sft",
+        max_steps=600,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        max_length=256,
+    )
 
 
 def load_data(args: RecipeArguments, seed: int):
@@ -85,16 +65,9 @@ def load_data(args: RecipeArguments, seed: int):
 
 def main(argv: list[str] | None = None) -> dict:
     script_args, training_args, model_args = parser().parse_args_and_config(argv)
-    if embedded.is_embedded(model_args.model_name_or_path):
-        model = embedded.embedded_model(seed=training_args.seed)
-        tokenizer = embedded.embedded_tokenizer()
-    else:
-        model = model_args.model_name_or_path
-        training_args.model_init_kwargs = {"dtype": model_args.dtype or "auto", "revision": model_args.model_revision}
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    model, tokenizer = common.load_model(model_args, training_args)
     train_dataset, eval_rows = load_data(script_args, training_args.seed)
     scorable = eval_rows is not None and "answer" in eval_rows.column_names
-
     trainer = MMSFTTrainer(
         model=model,
         args=training_args,
@@ -102,39 +75,23 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    result: dict = {}
-    if scorable:
-        before = exact_match_accuracy(
+
+    def score() -> dict:
+        return exact_match_accuracy(
             trainer.model, tokenizer, eval_rows, embedded.extract_answer, max_new_tokens=script_args.max_new_tokens
         )
-        result["exact_match_before"] = before["exact_match"]
+
+    result: dict = {"exact_match_before": score()["exact_match"]} if scorable else {}
     train_output = trainer.train()
     trainer.save_model()
-    result["train_loss_first"] = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
-    result["train_loss_last"] = [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
+    loss = common.losses(trainer)
+    result.update(train_loss_first=loss[0], train_loss_last=loss[-1])
     result["train_runtime_s"] = train_output.metrics.get("train_runtime")
     if scorable:
-        after = exact_match_accuracy(
-            trainer.model, tokenizer, eval_rows, embedded.extract_answer, max_new_tokens=script_args.max_new_tokens
-        )
+        after = score()
         result["exact_match_after"] = after["exact_match"]
         result["example"] = {"question": eval_rows[0]["messages"][0]["content"], "answer": after["generations"][0]}
-    out = Path(training_args.output_dir)
-    result["adapter"] = str(out)
-    result["audit"] = str(out / "AUDIT.md")
-    result["plots"] = sorted(str(p) for p in out.glob("*.png"))
-    if trainer.is_world_process_zero():
-        print(json.dumps(result, indent=1))
-        print(
-            f"\nloss {result['train_loss_first']:.3f} -> {result['train_loss_last']:.3f}"
-            + (
-                f"; exact match {result['exact_match_before']:.1%} -> {result['exact_match_after']:.1%}"
-                if scorable
-                else ""
-            )
-        )
-        print(f"adapter: {out}\naudit:   {out / 'AUDIT.md'}\nplots:   {', '.join(result['plots']) or '(none)'}")
-    return result
+    return common.report(trainer, result)
 
 
 if __name__ == "__main__":

@@ -17,21 +17,19 @@ A real model and image-text dataset (needs the Hub and a GPU; only the source di
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from datasets import load_dataset
-from transformers import AutoProcessor
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ScriptArguments, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import embedded  # noqa: E402
 
-from mm_trainer import MMSFTConfig, MMSFTTrainer  # noqa: E402
+from mm_trainer import MMSFTTrainer  # noqa: E402
 from mm_trainer.evaluation import exact_match_accuracy  # noqa: E402
 
 
@@ -44,34 +42,18 @@ class RecipeArguments(ScriptArguments):
     max_new_tokens: int = field(default=12, metadata={"help": "Generation budget of each evaluated answer."})
 
 
-DEFAULTS = {
-    "output_dir": "outputs/qwen_vl_imod_sft",
-    "max_steps": 200,
-    "per_device_train_batch_size": 8,
-    "learning_rate": 3e-3,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 10,
-    "logging_steps": 10,
-    "save_strategy": "no",
-    "report_to": "none",
-    "bf16": torch.cuda.is_available(),
-    "gradient_checkpointing": False,
-    "max_length": None,
-    "imod": True,
-    "dominance_steps": 50,
-    "use_peft": True,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "lora_target_modules": ["all-linear"],
-}
-
-
-def parser() -> TrlParser:
+def parser():
     """The recipe's parser, with its defaults (a `--config` YAML and the command line override them)."""
-    p = TrlParser((RecipeArguments, MMSFTConfig, ModelConfig))
-    p.set_defaults(**DEFAULTS)
-    return p
+    return common.make_parser(
+        RecipeArguments,
+        output_dir="outputs/qwen_vl_imod_sft",
+        max_steps=200,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        max_length=None,
+        imod=True,
+        dominance_steps=50,
+    )
 
 
 def color_answer(text: str) -> str:
@@ -82,20 +64,14 @@ def color_answer(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     script_args, training_args, model_args = parser().parse_args_and_config(argv)
+    model, processor = common.load_model(model_args, training_args, processor=True)
     if embedded.is_embedded(model_args.model_name_or_path):
-        model = embedded.embedded_model(seed=training_args.seed)
-        processor = embedded.embedded_processor()
         train_dataset = embedded.color_dataset(script_args.train_samples, seed=training_args.seed)
         eval_rows = embedded.color_dataset(script_args.eval_samples, seed=training_args.seed + 10_000)
     else:
-        model = model_args.model_name_or_path
-        training_args.model_init_kwargs = {"dtype": model_args.dtype or "auto", "revision": model_args.model_revision}
-        processor = AutoProcessor.from_pretrained(model, revision=model_args.model_revision)
         data = load_dataset(script_args.dataset_name, script_args.dataset_config)
-        train_dataset = data[script_args.dataset_train_split]
-        eval_rows = data.get(script_args.dataset_test_split)
+        train_dataset, eval_rows = data[script_args.dataset_train_split], data.get(script_args.dataset_test_split)
     scorable = eval_rows is not None and "answer" in eval_rows.column_names
-
     trainer = MMSFTTrainer(
         model=model,
         args=training_args,
@@ -103,28 +79,24 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         peft_config=get_peft_config(model_args),
     )
-    result: dict = {}
-    evaluate = {"extract": color_answer, "max_new_tokens": script_args.max_new_tokens, "batch_size": 8}
-    if scorable:
-        result["exact_match_before"] = exact_match_accuracy(trainer.model, processor, eval_rows, **evaluate)[
-            "exact_match"
-        ]
+
+    def score() -> float:
+        return exact_match_accuracy(
+            trainer.model, processor, eval_rows, color_answer, max_new_tokens=script_args.max_new_tokens, batch_size=8
+        )["exact_match"]
+
+    result: dict = {"exact_match_before": score()} if scorable else {}
     trainer.train()
     trainer.save_model()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result.update(train_loss_first=losses[0], train_loss_last=losses[-1])
-    rates = [h["dominance/non_text_rate"] for h in trainer.state.log_history if "dominance/non_text_rate" in h]
-    result["non_text_dominance_rate"] = rates
+    loss = common.losses(trainer)
+    result.update(train_loss_first=loss[0], train_loss_last=loss[-1])
+    history = trainer.state.log_history
+    result["non_text_dominance_rate"] = [
+        h["dominance/non_text_rate"] for h in history if "dominance/non_text_rate" in h
+    ]
     if scorable:
-        result["exact_match_after"] = exact_match_accuracy(trainer.model, processor, eval_rows, **evaluate)[
-            "exact_match"
-        ]
-    out = Path(training_args.output_dir)
-    result.update(adapter=str(out), audit=str(out / "AUDIT.md"), plots=sorted(str(p) for p in out.glob("*.png")))
-    if trainer.is_world_process_zero():
-        print(json.dumps(result, indent=1))
-        print(f"adapter: {out}\naudit:   {out / 'AUDIT.md'}\nplots:   {', '.join(result['plots']) or '(none)'}")
-    return result
+        result["exact_match_after"] = score()
+    return common.report(trainer, result)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,7 @@ def map_towers(model: nn.Module) -> TowerMap:
     roots = _find_roots(model)
     composite = any(t in NON_TEXT_TOWERS for t, _ in roots.values())
     if not composite:
-        # A plain LM: any "vision"-looking name is a coincidence; keep the projector only if it was found by name.
+        # A plain LM: a "vision"- or "projector"-looking name is a coincidence; only the language root counts.
         roots = {p: v for p, v in roots.items() if v[0] == "language"}
 
     ordered_roots = sorted(roots, key=len, reverse=True)  # deepest first
@@ -360,12 +360,13 @@ def map_towers(model: nn.Module) -> TowerMap:
         for path, _ in model.named_modules()
     }
     linears: dict[str, LinearInfo] = {}
-    tuner_paths: list[str] = []
+    inside_tuner: str | None = None  # named_modules() is pre-order: a PEFT layer's children follow it directly
     for path, module in model.named_modules():
-        if any(path.startswith(t + ".") for t in tuner_paths):
+        if inside_tuner is not None and path.startswith(inside_tuner):
             continue  # the base layer and lora_A / lora_B inside a PEFT layer
+        inside_tuner = None
         if _is_tuner_layer(module):
-            tuner_paths.append(path)
+            inside_tuner = path + "."
             module = getattr(module, "base_layer", None)
             if module is None or not is_linear(module):
                 continue

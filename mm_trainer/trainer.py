@@ -238,7 +238,9 @@ class MMSFTTrainer(SFTTrainer):
             return None  # resolve_targets reports a bad target spec with its own message
         if not candidates:
             return None
-        rows = choose_probe_rows(sample_rows(dataset, args.modality_sample_rows), args.target_probe_rows)
+        # A small spread sample is enough to find rows of every kind; it avoids decoding hundreds of images.
+        pool = sample_rows(dataset, min(args.modality_sample_rows, 8 * args.target_probe_rows))
+        rows = choose_probe_rows(pool, args.target_probe_rows)
         try:
             batch = build_probe_batch(
                 rows, processing_class, dataset_text_field=args.dataset_text_field, max_length=args.max_length

@@ -50,7 +50,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from peft import LoraConfig  # noqa: E402
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer  # noqa: E402
-from tests.benchmarks.imod_common import image_text_rows, qwen2_5_vl_model, qwen2_5_vl_processor  # noqa: E402
+from tests.benchmarks.common import image_text_rows, qwen2_5_vl_model, qwen2_5_vl_processor  # noqa: E402
 
 
 def build(mode: str, opts: argparse.Namespace, out: str) -> tuple[MMSFTTrainer, dict]:

@@ -33,38 +33,22 @@ def variant(release: bool) -> dict:
 
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 
     from mm_trainer import MMSFTConfig, MMSFTTrainer
-    from tests.kit import make_tokenizer, text_dataset, tiny_config
+    from tests.benchmarks.common import qwen2_5_vl_model
+    from tests.kit import make_tokenizer, text_dataset
 
-    base = tiny_config("qwen2_5_vl").to_dict()
-    text = dict(base["text_config"])
-    for key in ("head_dim", "layer_types", "max_window_layers"):
-        text.pop(key, None)
-    text.update(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-    )
     vision = dict(
         depth=32,
         hidden_size=1280,
         intermediate_size=3420,
         num_heads=16,
-        out_hidden_size=1024,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
         window_size=112,
         fullatt_block_indexes=[7, 15, 23, 31],
     )  # Qwen2.5-VL-7B's vision tower
-    base.update(text_config=text, vision_config=vision)
-    config = Qwen2_5_VLConfig(**{k: v for k, v in base.items() if k not in ("model_type", "transformers_version")})
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model = qwen2_5_vl_model(
+        hidden=1024, layers=2, intermediate=2816, heads=8, kv_heads=4, vision=vision, dtype=torch.bfloat16
+    )
     params_before = sum(p.numel() * p.element_size() for p in model.parameters())
     vision_params = sum(p.numel() for p in model.model.visual.parameters())
     rss_model = _status("VmRSS")

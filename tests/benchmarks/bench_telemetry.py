@@ -22,30 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, TrainerCallback  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer  # noqa: E402
-from tests.kit import make_tokenizer, text_dataset, tiny_config  # noqa: E402
-
-
-def bench_model(hidden: int = 512, layers: int = 4):
-    """A mid-size Qwen2.5-VL-architecture model with the kit tokenizer's ids."""
-    base = tiny_config("qwen2_5_vl").to_dict()
-    text = dict(base["text_config"])
-    text.update(
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
-    )
-    for key in ("head_dim", "layer_types", "max_window_layers"):
-        text.pop(key, None)
-    base["text_config"] = text
-    config = Qwen2_5_VLConfig(**{k: v for k, v in base.items() if k not in ("model_type", "transformers_version")})
-    torch.manual_seed(0)
-    return AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+from tests.benchmarks.common import qwen2_5_vl_model  # noqa: E402
+from tests.kit import make_tokenizer, text_dataset  # noqa: E402
 
 
 class InterleavedTelemetry(TrainerCallback):
@@ -78,7 +59,7 @@ def main() -> None:
     timer = InterleavedTelemetry()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = MMSFTTrainer(
-            model=bench_model(),
+            model=qwen2_5_vl_model(hidden=512, layers=4, intermediate=2048, heads=8, kv_heads=4),
             args=MMSFTConfig(
                 output_dir=tmp,
                 max_steps=args.steps,

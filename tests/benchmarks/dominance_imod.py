@@ -35,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from peft import LoraConfig  # noqa: E402
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer  # noqa: E402
-from tests.benchmarks.imod_common import image_text_rows, qwen2_5_vl_processor  # noqa: E402
+from tests.benchmarks.common import image_text_rows, qwen2_5_vl_processor  # noqa: E402
 from tests.kit import tiny_model  # noqa: E402
 
 

@@ -1,5 +1,5 @@
-"""Shared set-up of the IMoD benchmarks: a Qwen2.5-VL-architecture model of a chosen size, a processor with a
-chosen image size, and image-text rows with answers of a chosen length. Everything offline, from the test kit."""
+"""Shared set-up of the benchmarks: a Qwen2.5-VL-architecture model of a chosen size, a processor with a chosen image
+size, and image-text rows with answers of a chosen length. Everything offline, from the test kit."""
 
 from __future__ import annotations
 
@@ -15,10 +15,22 @@ FAMILY = "qwen2_5_vl"
 
 
 def qwen2_5_vl_model(
-    hidden: int = 1024, layers: int = 4, intermediate: int = 2816, heads: int = 16, kv_heads: int = 2, seed: int = 0
+    hidden: int = 1024,
+    layers: int = 4,
+    intermediate: int = 2816,
+    heads: int = 16,
+    kv_heads: int = 2,
+    seed: int = 0,
+    vision: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Qwen2_5_VLForConditionalGeneration:
-    """A randomly initialised Qwen2.5-VL with a language model of the given size (the kit's tiny vision tower)."""
+    """A randomly initialised Qwen2.5-VL with a language model of the given size.
+
+    The vision tower is the kit's tiny one unless ``vision`` gives other vision-config values (e.g. a 7B-size tower).
+    """
     config = tiny_config(FAMILY)
+    for key, value in (vision or {}).items():
+        setattr(config.vision_config, key, value)
     text = config.text_config
     head_dim = hidden // heads
     half = head_dim // 2
@@ -36,7 +48,7 @@ def qwen2_5_vl_model(
     }
     config.vision_config.out_hidden_size = hidden
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config).float()
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
 
 
 def qwen2_5_vl_processor(image_side: int = 56) -> KitQwen2_5_VLProcessor:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .audit.dynamics import band
 
 AUDIT_FILE = "audit.json"
 WARMUP_SHARE = 0.10
@@ -125,13 +126,6 @@ def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(s, v) for s, v in points if math.isfinite(v)]
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def warmup_steps(run: Run) -> int:
     """Steps excluded from the gradient-norm band: ``max(warmup_steps, ceil(10% of the last logged step))``."""
     last = max((s for s, _ in run.series.get("loss", []) + run.series.get("grad_norm", [])), default=0)
@@ -144,7 +138,7 @@ def summary_row(run: Run) -> dict[str, Any]:
     loss = _finite(run.series.get("loss", []))
     grad = _finite(run.series.get("grad_norm", []))
     skip = warmup_steps(run)
-    settled = [v for s, v in grad if s > skip] or [v for _, v in grad]
+    settled = band(v for s, v in grad if s > skip) or band(v for _, v in grad)  # the audit's own percentiles
     params = run.audit.get("params") or {}
     peak = max(grad, key=lambda p: p[1]) if grad else None
     row: dict[str, Any] = {
@@ -154,9 +148,9 @@ def summary_row(run: Run) -> dict[str, Any]:
         "final_loss": loss[-1][1] if loss else None,
         "min_loss": min(v for _, v in loss) if loss else None,
         "warmup_steps": skip,
-        "grad_norm_p10": _quantile(settled, 0.1) if settled else None,
-        "grad_norm_median": statistics.median(settled) if settled else None,
-        "grad_norm_p90": _quantile(settled, 0.9) if settled else None,
+        "grad_norm_p10": settled["p10"] if settled else None,
+        "grad_norm_median": settled["median"] if settled else None,
+        "grad_norm_p90": settled["p90"] if settled else None,
         "peak_grad_norm": peak[1] if peak else None,
         "peak_grad_step": peak[0] if peak else None,
         "spikes": len((run.audit.get("dynamics") or {}).get("spikes") or []),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modality import row_modalities
+from .modality import batch_modalities, row_modalities
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,6 @@ def probe_reachability(model: nn.Module, batch: Mapping[str, Any], module_names:
         result.rows = int(input_ids.shape[0])
         mask = batch.get("attention_mask")
         result.tokens = int(mask.sum()) if mask is not None else int(input_ids.numel())
-    from .modality import batch_modalities
-
     result.batch_modalities = batch_modalities(batch)
     return result
 

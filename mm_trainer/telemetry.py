@@ -36,6 +36,17 @@ class TowerTelemetry:
         self._hooks: list[Any] = []
         self.steps_collected = 0
 
+    def bind(self, adapters: list[LoraAdapter]) -> None:
+        """Watch ``adapters`` from now on: the same modules, by name and order, whose parameters the engine may have
+        replaced (``accelerator.prepare`` under FSDP2). Counters and history carry over.
+
+        Raises:
+            ValueError: ``adapters`` are not the watched ones.
+        """
+        if [a.name for a in adapters] != [a.name for a in self.adapters]:
+            raise ValueError("TowerTelemetry.bind takes the same adapters (names, order) it was built with.")
+        self.adapters = list(adapters)
+
     # ---------------------------------------------------------------------------------------------------------------
     def watch_forward(self) -> None:
         """Record which adapted modules run a training forward (one with autograd on: evaluation and generation run

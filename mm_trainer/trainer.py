@@ -17,7 +17,11 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .adapters import LoraAdapter, lora_adapters
+from .atomic import atomic_write_json
 from .audit import TrainingAuditor
+from .audit.auditor import is_checkpoint_dir
+from .callbacks import MMTrainerCallback
+from .checkpoints import write_complete_marker
 from .config import MMSFTConfig
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
@@ -145,6 +149,7 @@ class MMSFTTrainer(SFTTrainer):
             self.audit_sections.update(self.modality_balance.audit_sections())
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
+        self.add_callback(MMTrainerCallback(self))  # re-binds after `accelerator.prepare`; marks checkpoints complete
 
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up, before SFTTrainer.__init__
@@ -322,25 +327,67 @@ class MMSFTTrainer(SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Saving and resuming
     # ----------------------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        self._sync_fired()  # runs on every rank, unlike _save
-        super()._save_checkpoint(model, trial)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter as ``SFTTrainer`` does, then mm-trainer's files next to it (state, 4-bit recipe, audit).
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
+        Call it on every process, as ``Trainer.save_model`` (the audit may gather sharded adapter weights). The
+        adapter is written first and is kept whatever happens to the audit.
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        super().save_model(output_dir, _internal_call=True)  # the Hub push, if any, comes after our files below
+        self._save_mm_files(Path(output_dir))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_mm_files(self, output_dir: Path) -> None:
+        """Write ``mm_trainer_state.json``, ``quantization.json`` and the audit into ``output_dir`` (every rank calls
+        this; only the process that saves writes, each file atomically)."""
+        self._sync_fired()  # collective: every rank agrees on what fired before the audit is built
+        if self.auditor is not None:
+            self.auditor.prepare_save()  # every rank: whatever the audit must gather across processes
         if not self.args.should_save:
             return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self._write_state(Path(output_dir))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output_dir / STATE_FILE, self.mm_state())
         if self.quantized_base is not None:
             self.quantized_base.save(output_dir)  # quantization.json: how to rebuild the 4-bit base
-        if self.auditor is not None:
-            self.auditor.on_save(Path(output_dir))  # never raises: a failed audit is reported, the adapter stays
+        if self.auditor is None:
+            return
+        audit = self.auditor.on_save(output_dir)  # never raises: a failed audit is reported, the adapter stays
+        if audit is not None and is_checkpoint_dir(output_dir):
+            # TRL writes the output_dir model card before a checkpoint's save: refresh its audit section now.
+            self.auditor.on_model_card(Path(self.args.output_dir), audit)
+
+    def mark_checkpoint_complete(self, checkpoint: Path) -> None:
+        """Mark ``checkpoint`` complete, after every file of it was written (``on_save``; the saving process only)."""
+        if self.args.should_save:
+            write_complete_marker(checkpoint, self.state.global_step)
+
+    def bind_prepared_model(self) -> None:
+        """Re-bind the adapters (telemetry, audit, IMoD, dominance rate) to the parameters of the prepared model.
+
+        ``accelerator.prepare`` may replace parameters (FSDP2 swaps every one for a sharded ``DTensor``); the init
+        record and every counter are keyed by module name, so they carry over.
+        """
+        if not self.adapters:
+            return
+        adapters = lora_adapters(self.model, self.tower_map)
+        if [a.name for a in adapters] != [a.name for a in self.adapters]:
+            raise RuntimeError(
+                "mm-trainer: the prepared model holds other LoRA adapters than the model given to the trainer "
+                f"({len(adapters)} vs {len(self.adapters)}). Something replaced adapter modules between the trainer's "
+                "construction and `train()`."
+            )
+        self.adapters = adapters
+        if self.telemetry is not None:
+            self.telemetry.bind(adapters)
+        if self.modality_balance is not None:
+            self.modality_balance.bind(adapters)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)
-        if self.auditor is not None and self.is_world_process_zero():
-            self.auditor.on_model_card(Path(self.args.output_dir))
+        if self.auditor is not None and self.is_world_process_zero() and self.auditor.last_audit is not None:
+            self.auditor.on_model_card(Path(self.args.output_dir), self.auditor.last_audit)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
         if self.auditor is not None:
@@ -363,11 +410,6 @@ class MMSFTTrainer(SFTTrainer):
             "global_step": self.state.global_step,
         }
 
-    def _write_state(self, output_dir: Path) -> None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / STATE_FILE, "w") as f:
-            json.dump(self.mm_state(), f, indent=1)
-
     def train(
         self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None
     ):
@@ -384,8 +426,10 @@ class MMSFTTrainer(SFTTrainer):
             ignore_keys_for_eval=ignore_keys_for_eval,
         )
         self._sync_fired()  # so that a save after training sees what every rank ran
-        if self.auditor is not None and self.is_world_process_zero():
-            self.auditor.print_summary()
+        if self.auditor is not None:
+            self.auditor.prepare_save()  # every rank, like a save: the summary is the audit of the final weights
+            if self.is_world_process_zero():
+                self.auditor.print_summary()
         if self.modality_balance is not None:
             self.modality_balance.warn_if_unused()
         return output

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_json, atomic_write_text
 from .card import add_to_card, card_error_section
 from .markdown import render_markdown
 from .naming import group_names
@@ -53,10 +54,8 @@ def write_audit_files(audit: dict[str, Any], output_dir: Path, plots: bool = Tru
     for stale in {LOSS_PLOT, GRAD_NORM_PLOT} - set(files["plots"]):
         (output_dir / stale).unlink(missing_ok=True)
     audit = {**audit, "files": files}
-    (output_dir / AUDIT_MD).write_text(render_markdown(audit), encoding="utf-8")
-    with open(output_dir / AUDIT_JSON, "w", encoding="utf-8") as f:
-        json.dump(audit, f, indent=1, allow_nan=False)
-        f.write("\n")
+    atomic_write_text(output_dir / AUDIT_MD, render_markdown(audit))
+    atomic_write_json(output_dir / AUDIT_JSON, audit)
     return audit
 
 
@@ -98,6 +97,11 @@ class TrainingAuditor:
             self.record.restored,
         )
 
+    def prepare_save(self) -> None:
+        """Build the audit of the run as it stands; call it on every process at the same points (before a save's
+        :meth:`on_save` and before the end-of-training summary), as building may gather sharded weights."""
+        self.report()
+
     def report(self) -> dict[str, Any]:
         """The audit of the run as it stands (rebuilt only when a step, a log or a fired adapter was added)."""
         key = self._state_key()
@@ -134,10 +138,10 @@ class TrainingAuditor:
         try:
             for name in AUDIT_FILES:  # no audit of an earlier save may pass for this one's
                 (output_dir / name).unlink(missing_ok=True)
-            (output_dir / AUDIT_ERROR).write_text(
+            atomic_write_text(
+                output_dir / AUDIT_ERROR,
                 f"mm-trainer could not build or write the audit for this save (optimizer step "
                 f"{self.trainer.state.global_step}). The adapter files in this folder are complete.\n\n{trace}",
-                encoding="utf-8",
             )
             readme = output_dir / "README.md"
             if readme.is_file():
@@ -151,11 +155,12 @@ class TrainingAuditor:
             stacklevel=2,
         )
 
-    def on_model_card(self, output_dir: Path) -> None:
-        """Add the audit section to the ``README.md`` model card TRL just wrote in ``output_dir``."""
+    def on_model_card(self, output_dir: Path, audit: dict[str, Any]) -> None:
+        """Put the section of ``audit`` (the audit of the latest save) into the ``README.md`` model card in
+        ``output_dir``, when there is one. Never raises."""
         readme = output_dir / "README.md"
         try:
-            add_to_card(readme, self.report())
+            add_to_card(readme, audit)
         except Exception:
             logger.warning("mm-trainer audit: could not add the audit to %s", readme, exc_info=True)
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from .markdown import TOWER_HEADER, md_table, reason_lines, tower_rows
 
 CARD_BEGIN = "<!-- mm-trainer audit: begin -->"
@@ -62,5 +63,5 @@ def add_to_card(readme: Path, audit: Mapping[str, Any] | None, section: str | No
         text = text[:start] + section + text[end + len(CARD_END) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    readme.write_text(text, encoding="utf-8")
+    atomic_write_text(readme, text)
     return True

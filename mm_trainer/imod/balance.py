@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from ..adapters import LoraAdapter
 from ..modality import NON_TEXT_MODALITIES, ModalityProfile, placeholder_ids
 from .dominance import DominanceTracker, lora_linear_modules
 from .inject import IMoDInjector
@@ -110,6 +111,13 @@ class ModalityBalance:
         if injector is None and dominance is None:
             return None
         return cls(injector, dominance, args.dominance_steps)
+
+    def bind(self, adapters: list[LoraAdapter]) -> None:
+        """Use the parameters of ``adapters`` (the prepared model's, matched by name) from now on."""
+        by_name = {a.name: a for a in adapters}
+        for part in (self.injector, self.dominance):
+            if part is not None:
+                part.adapters = [by_name[a.name] for a in part.adapters]
 
     # ---------------------------------------------------------------------------------------------------------------
     # Per micro-batch

@@ -120,8 +120,12 @@ def _alignment(shared: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 def zone_masks(zone: torch.Tensor) -> torch.Tensor:
-    """``[M_o; M_t; M_s]`` as one boolean ``3 x r x d`` tensor, in :data:`ZONE_ORDER` (built once per layer)."""
-    return torch.stack([zone == code for code in ZONE_ORDER])
+    """``[M_o; M_t; M_s]`` as one fp32 0/1 ``3 x r x d`` tensor, in :data:`ZONE_ORDER` (built once per layer).
+
+    Float rather than boolean: multiplying by it is an order of magnitude faster on CPU than ``torch.where`` on a
+    boolean mask, for 12 bytes per element of ``A`` (``A`` itself takes 4).
+    """
+    return torch.stack([zone == code for code in ZONE_ORDER]).float()
 
 
 @dataclass
@@ -184,24 +188,24 @@ def _alignment_gradient(shared: torch.Tensor, layout: TokenLayout, factor: float
     group = layout.group
     means = layout.group_mean @ shared  # m_g, 2S x r
     mean_norm = torch.linalg.vector_norm(means, dim=1, keepdim=True).clamp_min_(eps)
-    mean_unit = means / mean_norm
+    mean_unit = means.div_(mean_norm)
     norm = torch.linalg.vector_norm(shared, dim=1, keepdim=True).clamp_min_(eps)
     unit = shared / norm  # ŝ_i
     centre = mean_unit.index_select(0, group)  # m̂ of each token's group
     cos = torch.linalg.vecdot(unit, centre)  # cos_i
     concentration = layout.group_mean @ cos  # c_g
-    text_unit, non_text_unit = mean_unit[:s], mean_unit[s:]
-    between = torch.linalg.vecdot(text_unit, non_text_unit)  # γ per sequence
-    both_sum = concentration[:s] + concentration[s:]  # c_t + c_o
-    alignment = (layout.both_groups[:s] * (1.0 - both_sum * between)).sum()
-    between2, both_sum2 = between.repeat(2)[:, None], both_sum.repeat(2)[:, None]
-    other_unit = torch.cat([non_text_unit, text_unit])
-    # v_g = -γ ∂c_g/∂m_g - (c_t + c_o) ∂γ/∂m_g
-    through_mean = (layout.group_mean @ unit - concentration[:, None] * mean_unit).mul_(between2)
-    through_mean.add_((other_unit - between2 * mean_unit).mul_(both_sum2)).div_(mean_norm).neg_()
-    coef = layout.both_weight * factor  # w_i, 0 off sequences with both modalities
-    direct = (centre - cos[:, None] * unit).mul_((coef * between.repeat(2).index_select(0, group))[:, None] / norm)
-    grad = through_mean.index_select(0, group).mul_(coef[:, None]).sub_(direct)
+    other_unit = mean_unit.roll(s, 0)  # m̂ of the sequence's other modality
+    between = torch.linalg.vecdot(mean_unit, other_unit)  # γ of the group's sequence (both halves)
+    both_sum = concentration + concentration.roll(s, 0)  # c_t + c_o of the group's sequence
+    alignment = layout.both_groups[:s] @ (1.0 - both_sum[:s] * between[:s])
+    # -v_g = γ (mean_i ŝ_i - c_g m̂_g) / |m_g| + (c_t + c_o) (m̂_other - γ m̂_g) / |m_g|
+    gamma, total = between[:, None], both_sum[:, None]
+    minus_v = (layout.group_mean @ unit).mul_(gamma).addcmul_(total, other_unit)
+    minus_v.addcmul_(gamma * (concentration[:, None] + total), mean_unit, value=-1.0).div_(mean_norm)
+    coef = layout.both_weight * -factor  # -w_i · factor, 0 off sequences with both modalities
+    direct = (coef * between.index_select(0, group))[:, None].div_(norm)  # -w_i γ / |s_i| · factor
+    grad = minus_v.index_select(0, group).mul_(coef[:, None])
+    grad.addcmul_(direct, centre).addcmul_(direct * cos[:, None], unit, value=-1.0)
     return alignment, grad
 
 

@@ -4,14 +4,15 @@ The mechanism, for one micro-batch (armed by :meth:`IMoDInjector.arm` before the
 :meth:`IMoDInjector.disarm` after the backward):
 
 1. While armed, each constrained layer's ``lora_A`` runs :class:`ZonedLoraA` instead of ``F.linear``. Its forward
-   reads the input ``X`` once for ``X @ [A; A⊙M_o; A⊙M_t; A⊙M_s]ᵀ``: the first ``r`` columns are LoRA's ``A x``,
-   returned as usual; the other ``3r`` are the zone responses the constraints are made of. From them it computes,
+   reads the input ``X`` once for the zone responses ``Z = X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` the constraints are made
+   of; since the zones cover ``A`` once, the sum of the three ``r``-column blocks is LoRA's ``A x``, returned as
+   usual. From ``Z`` it computes,
    right away and in fp32, the constraint values and their gradient w.r.t. the responses ``∂C/∂Z`` (scaled for
    gradient accumulation; :func:`~.constraints.constraint_gradient`, in closed form: a fixed few tensor operations,
    no autograd graph, no loop, no host-device synchronisation), and keeps that on the autograd node.
-2. Its backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u | ∂C/∂Z]ᵀ X``: the first ``r`` rows are
-   ``∇A`` of the task, the other ``3r`` rows, masked by their zones, ``∇A`` of the constraints. ``A`` receives the
-   sum through its ``AccumulateGrad``, so DDP all-reduces it in the same buckets as the task gradient, before
+2. Its backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u + ∂C/∂Z_k]_kᵀ X`` (``3r`` rows); each
+   ``r``-row block masked by its zone ``M_k`` and the blocks summed give ``∇A`` of the task plus that of the
+   constraints. ``A`` receives the sum through its ``AccumulateGrad``, so DDP all-reduces it in the same buckets as the task gradient, before
    gradient clipping; ``∂L/∂X = ∂L/∂u · A`` as in plain LoRA (the constraints treat ``X`` as a constant), so ``B``,
    the base model and earlier layers get the task gradient only. The loss is never touched: what is logged is the
    task loss.
@@ -22,8 +23,8 @@ masks (built once per layer and device), and the metric sums (one row per layer 
 :meth:`IMoDInjector.disarm`). Arming replaces the instance ``forward`` of each constrained ``lora_A`` for the
 micro-batch; :meth:`IMoDInjector.armed` (and ``MMSFTTrainer.training_step``) undo it however the step ends.
 
-Plain LoRA reads ``X`` three times per layer (``A x``, ``∇A``, ``∂L/∂X``); IMoD adds no read, only ``3r`` more
-columns to two skinny products and ``O(tokens · r)`` for the constraints. A separate constraint product would add
+Plain LoRA reads ``X`` three times per layer (``A x``, ``∇A``, ``∂L/∂X``); IMoD adds no read, only ``2r`` more
+columns to two skinny products (``8·N·d_in·r`` FLOPs) and ``O(tokens · r)`` for the constraints. A separate constraint product would add
 two reads of ``X``, which on a memory-bound CPU costs about as much as LoRA itself.
 
 Which call counts: the first call per layer and micro-batch *with autograd recording*. That is the forward under
@@ -52,13 +53,18 @@ from .tokens import TokenLayout
 
 
 class ZonedLoraA(torch.autograd.Function):
-    """``u = x Aᵀ`` whose backward adds a precomputed constraint gradient to ``∇A`` in the same product.
+    """``u = x Aᵀ`` computed through the zone responses, whose backward adds a precomputed constraint gradient to ``∇A``.
 
     ``forward(x, weight, masks, step)``: ``masks`` is :func:`~.constraints.zone_masks` of ``A`` (``3 x r x d``
-    bool); ``step`` is ``None`` (plain LoRA, in the wider product) or a callable that receives the zone responses
-    ``Z`` (``tokens x 3r`` fp32, a strided view) and returns ``(∂C/∂Z as a ResponseGradient, text_rows)``, with
-    ``text_rows`` the ``tokens x 1`` float indicator of text tokens. Its compact ``exclusive`` / ``shared`` blocks are
-    what stays in memory until the backward.
+    fp32 0/1); ``step`` is ``None`` (no constraint: the task gradient only) or a callable that receives the zone responses
+    ``Z = X [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``tokens x 3r`` fp32) and returns ``(∂C/∂Z as a ResponseGradient,
+    text_rows)``, with ``text_rows`` the ``tokens x 1`` float indicator of text tokens. Its compact ``exclusive`` /
+    ``shared`` blocks are what stays in memory until the backward.
+
+    Since the zones cover ``A`` once, ``A x = Σ_k (A⊙M_k) x``: the forward reads ``X`` once for ``Z`` (``3r``
+    columns, ``2r`` more than LoRA's) and sums its blocks for ``u``. Likewise ``∇A = Σ_k M_k ⊙ ((∂L/∂u + ∂C/∂Z_k)ᵀ X)``:
+    the backward reads ``X`` once for a ``3r``-row product (``2r`` more than LoRA's). Every call computes ``u`` the
+    same way, so a recomputation under activation checkpointing reproduces the forward's values exactly.
     """
 
     @staticmethod
@@ -68,12 +74,12 @@ class ZonedLoraA(torch.autograd.Function):
         device_type = x.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type=device_type, enabled=False):
-            w32 = weight.float()
-            stacked = torch.cat([w32, torch.where(masks, w32, 0.0).view(3 * r, d)])  # [A; A⊙M_o; A⊙M_t; A⊙M_s], 4r x d
-            products = x.reshape(-1, d).float() @ stacked.T  # one read of X
-            ctx.response_grad = step(products[:, r:]) if step is not None else None
+            zoned = (weight.float() * masks).view(3 * r, d)  # [A⊙M_o; A⊙M_t; A⊙M_s]
+            responses = x.reshape(-1, d).float() @ zoned.T  # Z, one read of X
+            u = responses.view(-1, 3, r).sum(1)
+            ctx.response_grad = step(responses) if step is not None else None
         ctx.save_for_backward(x, weight, masks)
-        return products[:, :r].to(out_dtype).contiguous().reshape(*x.shape[:-1], r)
+        return u.to(out_dtype).reshape(*x.shape[:-1], r)
 
     @staticmethod
     def backward(ctx: Any, grad_u: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
@@ -88,17 +94,14 @@ class ZonedLoraA(torch.autograd.Function):
             if response is None:
                 grad_weight = (grad_u.T @ x.reshape(-1, d).float()).to(weight.dtype)
             else:
-                (gradient, text_rows), blocks = response, 3
+                gradient, text_rows = response
                 exclusive = gradient.exclusive
                 on_text = exclusive * text_rows  # ∂C/∂(A⊙M_o)x lives on text tokens, ∂C/∂(A⊙M_t)x on the others
-                parts = [grad_u, on_text, exclusive.sub_(on_text)]
-                if gradient.shared is not None:
-                    parts.append(gradient.shared)
-                else:
-                    blocks = 2
-                products = torch.cat(parts, dim=1).T @ x.reshape(-1, d).float()  # one read of X for both
-                constraint = torch.where(masks[:blocks], products[r:].view(blocks, r, d), 0.0).sum(0)
-                grad_weight = constraint.add_(products[:r]).to(weight.dtype)
+                shared = gradient.shared if gradient.shared is not None else torch.zeros_like(exclusive)
+                left = torch.cat([on_text, exclusive.sub_(on_text), shared], dim=1)
+                left.view(-1, 3, r).add_(grad_u[:, None])  # ∂L/∂u + ∂C/∂Z_k per zone block
+                products = left.T @ x.reshape(-1, d).float()  # one read of X for task and constraint
+                grad_weight = products.view(3, r, d).mul_(masks).sum(0).to(weight.dtype)
         ctx.response_grad = None
         return grad_x, grad_weight, None, None
 

@@ -23,19 +23,18 @@ twice the FLOP bound below on every shape, <= 1.05x memory.
 - **Profile**: IMoD's parts replayed one by one on the step's own tensors (the input of every constrained
   ``lora_A``, the batch's token layout), summed over the constrained layers, min CPU time over the repetitions:
   the token layout (once per micro-batch), arming and disarming, LoRA's own ``A`` products for scale, the widened
-  product forward + backward, MSDC, MAAC, and the injection in the backward (splitting ``∂C/∂Z`` and the zone-masked
-  sum). IMoD adds no collective of its own: the injected gradient is all-reduced with the task gradient, in the same
+  forward product, MSDC, MAAC, and the injecting backward (its wider product, splitting ``∂C/∂Z`` and the
+  zone-masked sum). IMoD adds no collective of its own: the injected gradient is all-reduced with the task gradient, in the same
   buckets (0 extra bytes), and the logged ``imod/msd`` / ``imod/ma`` cost one 4-number reduce per logging step.
 
 FLOP bound of the extra work, per constrained layer with ``A`` of ``r x d_in``, base weight ``d_in x d_out`` and
 ``N`` tokens. IMoD widens LoRA's own two products with ``X`` (see :mod:`mm_trainer.imod.inject`): the forward
-computes ``X @ [A; A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``3r`` more columns: ``2·N·d_in·3r``) and the backward
-``[∂L/∂u | ∂C/∂Z]ᵀ X`` (``3r`` more rows: ``2·N·d_in·3r``), ``12·N·d_in·r`` in all, plus ``O(N·r)`` for the
-constraints themselves and ``O(r·d_in)`` for the masks. (Computing only the rows each term needs would take
-``8·N·d_in·r`` but two more reads of ``X``; the products are bound by reading ``X``, so we take the FLOPs.) The layer
-itself costs at least ``4·N·d_in·d_out`` (frozen base: forward and input gradient; LoRA, attention and the LM head
-only add to it), so the extra FLOPs are at most ``3·r·Σ d_in / Σ (d_in·d_out)`` of the constrained layers' base
-FLOPs. The script prints that bound for its model and, for scale, for Qwen2.5-VL-7B's language model (hidden 3584,
+computes ``X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``2r`` more columns than ``X Aᵀ``, whose blocks sum to it:
+``2·N·d_in·2r``) and the backward ``[∂L/∂u + ∂C/∂Z_k]_kᵀ X`` (``2r`` more rows: ``2·N·d_in·2r``), ``8·N·d_in·r`` in
+all, plus ``O(N·r)`` for the constraints themselves and ``O(r·d_in)`` for the masks. The bound printed is the one of
+issue 17, ``12·N·d_in·r`` (the earlier ``4r``-wide products): the layer itself costs at least ``4·N·d_in·d_out``
+(frozen base: forward and input gradient; LoRA, attention and the LM head only add to it), so the extra FLOPs are
+at most ``3·r·Σ d_in / Σ (d_in·d_out)`` of the constrained layers' base FLOPs (``2·r·…`` now). The script prints that bound for its model and, for scale, for Qwen2.5-VL-7B's language model (hidden 3584,
 intermediate 18944, 28 layers).
 """
 
@@ -180,9 +179,8 @@ def profile(trainer: MMSFTTrainer, batch: dict, reps: int) -> dict[str, float]:
         x = x.clone().requires_grad_(True)
         masks = zone_masks(injector.masks.by_name[injector.adapters[i].name].zone)
         r, d = weight.shape
-        stacked = torch.cat([weight.detach(), torch.where(masks, weight.detach(), 0).view(3 * r, d)])
-        responses = x.detach().reshape(-1, d) @ stacked.T
-        layers.append((x, weight, masks, responses[:, r:], torch.randn(*x.shape[:-1], r)))
+        responses = x.detach().reshape(-1, d) @ (weight.detach() * masks).view(3 * r, d).T
+        layers.append((x, weight, masks, responses, torch.randn(*x.shape[:-1], r)))
 
     def lora_product() -> None:
         for x, weight, _, _, grad in layers:
@@ -219,22 +217,22 @@ def profile(trainer: MMSFTTrainer, batch: dict, reps: int) -> dict[str, float]:
         ),
         "arm + disarm": cpu_min(arming, reps),
         "LoRA A products fwd+bwd (plain, scale)": cpu_min(lora_product, reps),
-        "widened product fwd+bwd (3r more)": cpu_min(widened(lambda z: None), reps),
+        "zoned forward": cpu_min(widened(lambda z: None), reps),
         "MSDC": cpu_min(constraint(0.0), reps),
         "MSDC + MAAC": cpu_min(constraint(injector.lambda_ma), reps),
-        "widened + injection in bwd": cpu_min(widened(precomputed), reps),
+        "zoned forward + injecting backward": cpu_min(widened(precomputed), reps),
     }
     for x, weight, *_ in layers:
         x.grad = weight.grad = None
     return {
         "token layout (once per micro-batch)": times["token layout (once per micro-batch)"],
         "arm + disarm": times["arm + disarm"],
-        "widened product fwd+bwd": times["widened product fwd+bwd (3r more)"]
+        "widened forward product (2r more columns)": times["zoned forward"]
         - times["LoRA A products fwd+bwd (plain, scale)"],
         "MSDC": times["MSDC"],
         "MAAC": times["MSDC + MAAC"] - times["MSDC"],
-        "injection in bwd (split + masked sum)": times["widened + injection in bwd"]
-        - times["widened product fwd+bwd (3r more)"],
+        "injecting backward (2r more rows, masked sum)": times["zoned forward + injecting backward"]
+        - times["zoned forward"],
         "all-reduce (none of its own)": 0.0,
         "(LoRA A products fwd+bwd, plain LoRA)": times["LoRA A products fwd+bwd (plain, scale)"],
     }
@@ -315,17 +313,6 @@ def main() -> None:
         med_cpu = {m: statistics.median(v) for m, v in cpus.items()}
         parts = profile(*trainers["imod"], opts.reps)
 
-    mem: dict[str, dict] = {}
-    # Large tensors get their own mappings, returned to the OS when freed, so RSS follows the live tensors.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for mode in () if opts.no_memory else ("plain", "imod"):
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", mode, *sys.argv[1:]], capture_output=True, text=True, env=env
-        )
-        if done.returncode:
-            raise RuntimeError(done.stderr[-3000:])
-        mem[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-
     mib = 1 / 2**20
 
     def row(label: str, plain: float, other: float, fmt: str = "14.3f", note: str = "") -> None:
@@ -338,10 +325,6 @@ def main() -> None:
     row("step time, min CPU (s)", mins_cpu["plain"], mins_cpu["imod"])
     row("step time, median wall (s)", med["plain"], med["imod"])
     row("step time, median CPU (s)", med_cpu["plain"], med_cpu["imod"])
-    if mem:
-        step_mem = {m: mem[m]["peak"] - mem[m]["rss_before"] for m in mem}
-        row("step memory (MiB)", step_mem["plain"] * mib, step_mem["imod"] * mib, "14.1f")
-        row("process peak RSS (MiB)", mem["plain"]["peak"] * mib, mem["imod"]["peak"] * mib, "14.1f")
     if "dominance" in mins_cpu:
         row(
             "dominance step, min CPU (s)",
@@ -367,6 +350,24 @@ def main() -> None:
         print(f"  {name:42s}{seconds * 1e3:10.2f}")
     listed = sum(v for k, v in parts.items() if not k.startswith("("))
     print(f"  {'sum of IMoD parts':42s}{listed * 1e3:10.2f}   (measured step difference: {extra * 1e3:.2f})")
+    sys.stdout.flush()
+
+    mem: dict[str, dict] = {}
+    # Large tensors get their own mappings, returned to the OS when freed, so RSS follows the live tensors.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for mode in () if opts.no_memory else ("plain", "imod"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", mode, *sys.argv[1:]], capture_output=True, text=True, env=env
+        )
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        mem[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    if mem:
+        print(f"{'':30s}{'plain LoRA':>14s}{'IMoD':>14s}{'ratio':>9s}")
+        step_mem = {m: mem[m]["peak"] - mem[m]["rss_before"] for m in mem}
+        row("step memory (MiB)", step_mem["plain"] * mib, step_mem["imod"] * mib, "14.1f")
+        row("process peak RSS (MiB)", mem["plain"]["peak"] * mib, mem["imod"]["peak"] * mib, "14.1f")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,39 @@ def test_injected_gradient_matches_independent_autograd(lambdas):
         assert ma_only.abs().max() > 1e-3
 
 
+def test_closed_form_gradient_matches_the_reference_on_every_kind_of_sequence():
+    """Text+image, text only, image only, padding, and a sequence whose shared responses are all zero."""
+    g = torch.Generator().manual_seed(3)
+    classes = torch.tensor(
+        [
+            [TEXT, IMAGE, IMAGE, TEXT, TEXT, PAD],
+            [TEXT, TEXT, TEXT, PAD, PAD, PAD],
+            [IMAGE, IMAGE, IMAGE, IMAGE, PAD, PAD],
+            [IMAGE, TEXT, IMAGE, TEXT, IMAGE, TEXT],
+        ]
+    )
+    x = torch.randn(4, 6, D_IN, generator=g)
+    x[3] = 0.0  # s_i = 0 for every token: cosines at F.cosine_similarity's eps guard
+    zone = build_zone((RANK, D_IN), 0.3, seed=2, name="m")
+    a = torch.randn(RANK, D_IN, generator=g).requires_grad_(True)
+    lambda_msd, lambda_ma, scale = 0.7, 0.5, 0.25
+    msd, ma = reference_constraints(a, zone, x, classes)
+    (ref,) = torch.autograd.grad(scale * (lambda_msd * msd + lambda_ma * ma), a)
+
+    layout = TokenLayout.from_classes(classes)
+    masks = zone_masks(zone)
+    flat = x.reshape(-1, D_IN)
+    responses = flat @ (a.detach() * masks).view(3 * RANK, D_IN).T
+    step = constraint_gradient(responses, layout, lambda_msd, lambda_ma, scale)
+    text = layout.text_rows
+    blocks = torch.stack([step.exclusive * text, step.exclusive * (1 - text), step.shared], dim=1)  # tokens x 3 x r
+    got = (torch.einsum("nkr,nd->krd", blocks, flat) * masks).sum(0)
+    torch.testing.assert_close(got, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    torch.testing.assert_close(step.decoupling, msd.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(step.alignment, ma.detach(), rtol=1e-5, atol=1e-7)
+    assert layout.sequences_with_both == 2 and ref.abs().max() > 1e-2
+
+
 def _injected(scale: float, calls) -> tuple[torch.Tensor, float]:
     """(A's gradient with IMoD armed minus A's gradient of the same task alone, the rounding bound of that difference).
 

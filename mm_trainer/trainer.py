@@ -296,7 +296,12 @@ class MMSFTTrainer(SFTTrainer):
         )
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            if self.modality_balance is not None:  # never leave lora_A forwards replaced or hooks on
+                self.modality_balance.abort_micro_step()
+            raise
         if self.modality_balance is not None:
             self.modality_balance.after_backward(self)
         if self.telemetry is not None and self.accelerator.sync_gradients:

@@ -185,6 +185,33 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_fisher(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # What a run produces
 # ---------------------------------------------------------------------------------------------------------------------
+def test_a_failing_training_step_leaves_no_patch_or_hook(tmp_path):
+    trainer = _trainer(tmp_path, dominance_steps=1)
+    balance = trainer.modality_balance
+    lora_a = [a.module.lora_A["default"] for a in balance.injector.adapters]
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)]))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    seen = {}
+
+    def boom(module, args, output):
+        seen["patched"] = all("forward" in m.__dict__ for m in lora_a)
+        seen["hooks"] = all(m._forward_hooks for m in lora_a)
+        raise RuntimeError("boom in the forward")
+
+    layer = trainer.model.base_model.model.model.language_model.layers[-1]
+    handle = layer.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom in the forward"):
+        trainer.training_step(trainer.model, dict(batch))
+    handle.remove()
+    assert seen == {"patched": True, "hooks": True}  # the step did arm IMoD and the dominance hooks
+    assert not any("forward" in m.__dict__ or m._forward_hooks for m in lora_a)
+    # The next step trains normally (and disarms again).
+    trainer.model.zero_grad(set_to_none=True)
+    assert torch.isfinite(trainer.training_step(trainer.model, dict(batch)))
+    assert not any("forward" in m.__dict__ or m._forward_hooks for m in lora_a)
+
+
 def test_logs_audit_and_standard_mergeable_adapter(tmp_path):
     plain = _trainer(tmp_path / "plain", imod=False, init_lora_weights=True)
     trainer = _trainer(tmp_path, init_lora_weights=True, dominance_steps=2)

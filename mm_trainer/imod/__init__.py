@@ -1,7 +1,7 @@
 """IMoD (Implicit Modality Decomposition) for LoRA, and the Non-Text Dominance Rate.
 
 - :mod:`.masks`: seeded element-wise text / non-text / shared masks of every LoRA ``A``.
-- :mod:`.tokens`: where the text and non-text tokens of a batch sit, per sequence.
+- :mod:`.tokens`: where the text and non-text tokens of a batch sit, per sequence (built once per micro-batch).
 - :mod:`.constraints`: the MSDC and MAAC constraints and their gradient w.r.t. ``A`` (fp32).
 - :mod:`.inject`: injecting that gradient into the task's backward.
 - :mod:`.dominance`: per-modality Fisher estimates and the Non-Text Dominance Rate.
@@ -11,7 +11,15 @@
 from __future__ import annotations
 
 from .balance import ModalityBalance, check_imod_data
-from .constraints import ConstraintTerms, constraint_terms, imod_constraints, response_gradient
+from .constraints import (
+    ConstraintTerms,
+    ResponseGradient,
+    constraint_gradient,
+    constraint_terms,
+    imod_constraints,
+    response_gradient,
+    zone_masks,
+)
 from .dominance import DominanceTracker
 from .inject import IMoDInjector, ZonedLoraA
 from .masks import (
@@ -36,13 +44,16 @@ __all__ = [
     "IMoDMasks",
     "LayerMask",
     "ModalityBalance",
+    "ResponseGradient",
     "TokenLayout",
     "ZonedLoraA",
     "build_zone",
     "check_imod_data",
+    "constraint_gradient",
     "constraint_terms",
     "imod_constraints",
     "layer_position",
     "response_gradient",
     "shared_ratio",
+    "zone_masks",
 ]

@@ -129,7 +129,8 @@ class ModalityBalance:
     def begin_micro_step(self, trainer: Any, inputs: dict[str, Any]) -> None:
         """Arm IMoD and the dominance hooks for the micro-batch ``inputs`` (call in ``compute_loss``, before the forward).
 
-        They stay armed through the backward, until :meth:`after_backward`.
+        They stay armed through the backward, until :meth:`after_backward` (or :meth:`abort_micro_step` when the
+        forward or backward raised).
         """
         measure = self.measures(trainer.state.global_step + 1)
         if self.injector is None and not measure:
@@ -154,6 +155,17 @@ class ModalityBalance:
             getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
         )
         return 1.0 / steps
+
+    def abort_micro_step(self) -> None:
+        """Disarm IMoD and the dominance hooks after a forward or backward that raised (``training_step`` does).
+
+        The micro-batch's constraint gradient may be partly in ``A.grad``; the trainer's error propagates, as with any
+        failed step. Safe to call when nothing is armed.
+        """
+        if self.injector is not None:
+            self.injector.disarm()
+        if self.dominance is not None:
+            self.dominance.disarm()
 
     def after_backward(self, trainer: Any) -> None:
         """Disarm after ``training_step``'s backward; on the last micro-batch of a measured step, finish the rate."""

@@ -67,7 +67,7 @@ class ConstraintTerms:
 
 
 ZONE_ORDER: tuple[int, int, int] = (NON_TEXT_ZONE, TEXT_ZONE, SHARED_ZONE)
-"""Order of the zone blocks in :func:`zone_weights` and in the responses :func:`constraint_terms` reads."""
+"""Order of the zone blocks in :func:`zone_weights`, :func:`zone_masks` and the responses :func:`constraint_terms` reads."""
 
 
 def zone_weights(a: torch.Tensor, zone: torch.Tensor) -> torch.Tensor:
@@ -119,37 +119,110 @@ def _alignment(shared: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return torch.where(both, per_sequence, 0.0).sum()
 
 
+def zone_masks(zone: torch.Tensor) -> torch.Tensor:
+    """``[M_o; M_t; M_s]`` as one fp32 0/1 ``3 x r x d`` tensor, in :data:`ZONE_ORDER` (built once per layer).
+
+    Float rather than boolean: multiplying by it is an order of magnitude faster on CPU than ``torch.where`` on a
+    boolean mask, for 12 bytes per element of ``A`` (``A`` itself takes 4).
+    """
+    return torch.stack([zone == code for code in ZONE_ORDER]).float()
+
+
+@dataclass
+class ResponseGradient:
+    """``∂(λ1 (L_TS + L_OS) + λ2 L_MA) / ∂Z`` of one layer, compactly, with the detached constraint values.
+
+    Attributes:
+        exclusive: ``tokens x r``: on a text token the ``M_o`` block of ``∂C/∂Z`` (``L_TS``), on a non-text token the
+            ``M_t`` block (``L_OS``); the other exclusive block of a token is zero, so one tensor holds both.
+        shared: ``tokens x r``, the ``M_s`` block (``L_MA``); ``None`` when no sequence holds both modalities or
+            ``λ2 = 0``.
+        decoupling: ``L_TS + L_OS`` (0-d).
+        alignment: ``L_MA`` (0-d).
+    """
+
+    exclusive: torch.Tensor
+    shared: torch.Tensor | None
+    decoupling: torch.Tensor
+    alignment: torch.Tensor
+
+
+def constraint_gradient(
+    responses: torch.Tensor, layout: TokenLayout, lambda_msd: float, lambda_ma: float, scale: float = 1.0
+) -> ResponseGradient:
+    """``scale · ∂(λ1 (L_TS + L_OS) + λ2 L_MA) / ∂Z`` in closed form, from the zone responses ``Z`` (``tokens x 3r``).
+
+    The same terms as :func:`constraint_terms`, computed with a fixed, small number of tensor operations on
+    ``tokens x r`` tensors, no autograd graph, no loop and no host-device synchronisation; the per-token and
+    per-group weights come from ``layout`` (built once per micro-batch). ``responses`` may be a strided view (the
+    columns of a wider product); it is read, never copied.
+
+    - MSDC: ``∂L_TS/∂z_i = 2 w_i z_i / (r n)`` with ``w_i`` the token's weight in its sequence's text mean (likewise
+      ``L_OS``), ``n`` the number of sequences.
+    - MAAC, per group ``g`` (a sequence's text or non-text tokens) with mean ``m_g``, ``m̂ = m / |m|``,
+      ``ŝ_i = s_i / |s_i|``, ``cos_i = ŝ_i · m̂_g``, concentration ``c_g = mean_i cos_i`` and ``γ = cos(m_t, m_o)`` of
+      the sequence: ``∂L/∂s_i = w_i (-γ (m̂_g - cos_i ŝ_i) / |s_i| + v_g)`` with
+      ``v_g = -γ (mean_i ŝ_i - c_g m̂_g) / |m_g| - (c_t + c_o) (m̂_other - γ m̂_g) / |m_g|``, divided by ``n``.
+      Norms are clamped at ``1e-8`` as in :func:`torch.nn.functional.cosine_similarity`.
+    """
+    r = responses.shape[-1] // 3
+    n = max(layout.num_sequences, 1)
+    non_text_part, text_part, shared = responses[:, :r], responses[:, r : 2 * r], responses[:, 2 * r :]
+    # A text token's L_TS response is its M_o block, a non-text token's L_OS response its M_t block.
+    exclusive = torch.where(layout.text_mask, non_text_part, text_part).float()
+    weight = layout.token_weight[:, None]
+    decoupling = (exclusive.square() * weight).sum() / (r * n)
+    exclusive_grad = exclusive.mul_(weight * (2.0 * lambda_msd * scale / (r * n)))
+    alignment = decoupling.new_zeros(())
+    shared_grad = None
+    if lambda_ma and layout.sequences_with_both:
+        alignment, shared_grad = _alignment_gradient(shared.float(), layout, lambda_ma * scale / n)
+        alignment = alignment / n
+    return ResponseGradient(exclusive_grad, shared_grad, decoupling, alignment)
+
+
+def _alignment_gradient(shared: torch.Tensor, layout: TokenLayout, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_{sequences with both} L_MA, factor · ∂ Σ L_MA / ∂shared)`` in closed form (see :func:`constraint_gradient`)."""
+    eps = 1e-8
+    s = layout.num_sequences
+    group = layout.group
+    means = layout.group_mean @ shared  # m_g, 2S x r
+    mean_norm = torch.linalg.vector_norm(means, dim=1, keepdim=True).clamp_min_(eps)
+    mean_unit = means.div_(mean_norm)
+    norm = torch.linalg.vector_norm(shared, dim=1, keepdim=True).clamp_min_(eps)
+    unit = shared / norm  # ŝ_i
+    centre = mean_unit.index_select(0, group)  # m̂ of each token's group
+    cos = torch.linalg.vecdot(unit, centre)  # cos_i
+    concentration = layout.group_mean @ cos  # c_g
+    other_unit = mean_unit.roll(s, 0)  # m̂ of the sequence's other modality
+    between = torch.linalg.vecdot(mean_unit, other_unit)  # γ of the group's sequence (both halves)
+    both_sum = concentration + concentration.roll(s, 0)  # c_t + c_o of the group's sequence
+    alignment = layout.both_groups[:s] @ (1.0 - both_sum[:s] * between[:s])
+    # -v_g = γ (mean_i ŝ_i - c_g m̂_g) / |m_g| + (c_t + c_o) (m̂_other - γ m̂_g) / |m_g|
+    gamma, total = between[:, None], both_sum[:, None]
+    minus_v = (layout.group_mean @ unit).mul_(gamma).addcmul_(total, other_unit)
+    minus_v.addcmul_(gamma * (concentration[:, None] + total), mean_unit, value=-1.0).div_(mean_norm)
+    coef = layout.both_weight * -factor  # -w_i · factor, 0 off sequences with both modalities
+    direct = (coef * between.index_select(0, group))[:, None].div_(norm)  # -w_i γ / |s_i| · factor
+    grad = minus_v.index_select(0, group).mul_(coef[:, None])
+    grad.addcmul_(direct, centre).addcmul_(direct * cos[:, None], unit, value=-1.0)
+    return alignment, grad
+
+
 def response_gradient(
     responses: torch.Tensor, layout: TokenLayout, lambda_msd: float, lambda_ma: float
 ) -> tuple[torch.Tensor, ConstraintTerms]:
     """``∂(λ1 (L_TS + L_OS) + λ2 L_MA) / ∂responses`` (``tokens x 3r``, fp32) and the detached terms.
 
-    The same terms as :func:`constraint_terms`, with few small operations (they run once per layer and micro-batch):
-    MSDC's gradient in closed form (``∂L_TS/∂z_i = 2 w_i z_i / (r n)`` with ``w_i`` the token's weight in its
-    sequence's mean), MAAC's by a small autograd graph over the shared block only, and only when a sequence holds
-    both modalities and ``λ2 > 0``. That graph runs in fp32 with autocast off, and its saved tensors bypass any
-    enclosing saved-tensor hooks (non-reentrant activation checkpointing), so it neither triggers a recomputation
-    nor changes what a checkpoint saves.
+    The full-width form of :func:`constraint_gradient` (which IMoD's injection uses), for inspection and tests.
     """
     responses = responses.detach().float()
     r = responses.shape[-1] // 3
     n = max(layout.num_sequences, 1)
-    non_text_part, text_part, shared = responses.view(-1, 3, r).unbind(1)
-    text_specific = layout.text_weight @ non_text_part.square().sum(1) / (r * n)
-    non_text_specific = layout.non_text_weight @ text_part.square().sum(1) / (r * n)
-    grad = torch.zeros_like(responses).view(-1, 3, r)
-    factor = 2.0 * lambda_msd / (r * n)
-    torch.mul(non_text_part, (factor * layout.text_weight)[:, None], out=grad[:, 0])
-    torch.mul(text_part, (factor * layout.non_text_weight)[:, None], out=grad[:, 1])
-    alignment = responses.new_zeros(())
-    if lambda_ma and layout.sequences_with_both:
-        identity = lambda t: t  # noqa: E731
-        with (
-            torch.enable_grad(),
-            torch.autocast(device_type=responses.device.type, enabled=False),
-            torch.autograd.graph.saved_tensors_hooks(identity, identity),
-        ):
-            leaf = shared.contiguous().requires_grad_(True)
-            alignment = _alignment(leaf, layout) / n
-            (grad[:, 2],) = torch.autograd.grad(lambda_ma * alignment, leaf)
-    return grad.view(-1, 3 * r), ConstraintTerms(text_specific, non_text_specific, alignment.detach())
+    step = constraint_gradient(responses, layout, lambda_msd, lambda_ma)
+    text = layout.text_rows
+    shared = step.shared if step.shared is not None else responses.new_zeros(responses.shape[0], r)
+    grad = torch.cat([step.exclusive * text, step.exclusive * (1 - text), shared], dim=1)
+    text_specific = layout.text_weight @ responses[:, :r].square().sum(1) / (r * n)
+    non_text_specific = layout.non_text_weight @ responses[:, r : 2 * r].square().sum(1) / (r * n)
+    return grad, ConstraintTerms(text_specific, non_text_specific, step.alignment)

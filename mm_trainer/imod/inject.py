@@ -4,19 +4,27 @@ The mechanism, for one micro-batch (armed by :meth:`IMoDInjector.arm` before the
 :meth:`IMoDInjector.disarm` after the backward):
 
 1. While armed, each constrained layer's ``lora_A`` runs :class:`ZonedLoraA` instead of ``F.linear``. Its forward
-   reads the input ``X`` once for ``X @ [A; A⊙M_o; A⊙M_t; A⊙M_s]ᵀ``: the first ``r`` columns are LoRA's ``A x``,
-   returned as usual; the other ``3r`` are the zone responses the constraints are made of. From them it computes,
-   right away and in fp32, the constraint values and their gradient w.r.t. the responses ``∂C/∂Z`` (``tokens x 3r``,
-   scaled for gradient accumulation; :func:`~.constraints.response_gradient`), and keeps that on the autograd node.
-2. Its backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u | ∂C/∂Z]ᵀ X``: the first ``r`` rows are
-   ``∇A`` of the task, the other ``3r`` rows, masked by their zones, ``∇A`` of the constraints. ``A`` receives the
-   sum through its ``AccumulateGrad``, so DDP all-reduces it in the same buckets as the task gradient, before
+   reads the input ``X`` once for the zone responses ``Z = X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` the constraints are made
+   of; since the zones cover ``A`` once, the sum of the three ``r``-column blocks is LoRA's ``A x``, returned as
+   usual. From ``Z`` it computes,
+   right away and in fp32, the constraint values and their gradient w.r.t. the responses ``∂C/∂Z`` (scaled for
+   gradient accumulation; :func:`~.constraints.constraint_gradient`, in closed form: a fixed few tensor operations,
+   no autograd graph, no loop, no host-device synchronisation), and keeps that on the autograd node.
+2. Its backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u + ∂C/∂Z_k]_kᵀ X`` (``3r`` rows); each
+   ``r``-row block masked by its zone ``M_k`` and the blocks summed give ``∇A`` of the task plus that of the
+   constraints. ``A`` receives the sum through its ``AccumulateGrad``, so DDP all-reduces it in the same buckets as the task gradient, before
    gradient clipping; ``∂L/∂X = ∂L/∂u · A`` as in plain LoRA (the constraints treat ``X`` as a constant), so ``B``,
    the base model and earlier layers get the task gradient only. The loss is never touched: what is logged is the
    task loss.
 
-Plain LoRA reads ``X`` three times per layer (``A x``, ``∇A``, ``∂L/∂X``); IMoD adds no read, only ``3r`` more
-columns to two skinny products and ``O(tokens · r)`` for the constraints. A separate constraint product would add
+What a layer does not recompute: the token layout and the per-token / per-sequence weights of the micro-batch
+(:class:`~.tokens.TokenLayout`, built once in :meth:`IMoDInjector.arm`'s caller and shared by all layers), the zone
+masks (built once per layer and device), and the metric sums (one row per layer of a tensor, added up at
+:meth:`IMoDInjector.disarm`). Arming replaces the instance ``forward`` of each constrained ``lora_A`` for the
+micro-batch; :meth:`IMoDInjector.armed` (and ``MMSFTTrainer.training_step``) undo it however the step ends.
+
+Plain LoRA reads ``X`` three times per layer (``A x``, ``∇A``, ``∂L/∂X``); IMoD adds no read, only ``2r`` more
+columns to two skinny products (``8·N·d_in·r`` FLOPs) and ``O(tokens · r)`` for the constraints. A separate constraint product would add
 two reads of ``X``, which on a memory-bound CPU costs about as much as LoRA itself.
 
 Which call counts: the first call per layer and micro-batch *with autograd recording*. That is the forward under
@@ -30,65 +38,70 @@ twice. What stays in memory until the backward: ``∂C/∂Z`` in ``tokens x 2r``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..adapters import LoraAdapter
-from .constraints import ZONE_ORDER, response_gradient, zone_weights
+from .constraints import ResponseGradient, constraint_gradient, zone_masks
 from .dominance import lora_linear_modules
 from .masks import IMoDMasks
 from .tokens import TokenLayout
 
 
 class ZonedLoraA(torch.autograd.Function):
-    """``u = x Aᵀ`` whose backward adds a precomputed constraint gradient to ``∇A`` in the same product.
+    """``u = x Aᵀ`` computed through the zone responses, whose backward adds a precomputed constraint gradient to ``∇A``.
 
-    ``forward(x, weight, zone, step)``: ``step`` is ``None`` (plain LoRA, in the wider product) or a callable that
-    receives the zone responses ``Z`` (``tokens x 3r``, fp32) and returns ``∂C/∂Z`` compactly, as
-    ``(exclusive, shared, text_rows)``: a text token's gradient only has an ``M_o`` block and a non-text token's only
-    an ``M_t`` block, so both fit in one ``tokens x r`` tensor ``exclusive``; ``shared`` is the ``M_s`` block and
-    ``text_rows`` (``tokens x 1``) is 1 on text tokens. That is what stays in memory until the backward.
+    ``forward(x, weight, masks, step)``: ``masks`` is :func:`~.constraints.zone_masks` of ``A`` (``3 x r x d``
+    fp32 0/1); ``step`` is ``None`` (no constraint: the task gradient only) or a callable that receives the zone responses
+    ``Z = X [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``tokens x 3r`` fp32) and returns ``(∂C/∂Z as a ResponseGradient,
+    text_rows)``, with ``text_rows`` the ``tokens x 1`` float indicator of text tokens. Its compact ``exclusive`` /
+    ``shared`` blocks are what stays in memory until the backward.
+
+    Since the zones cover ``A`` once, ``A x = Σ_k (A⊙M_k) x``: the forward reads ``X`` once for ``Z`` (``3r``
+    columns, ``2r`` more than LoRA's) and sums its blocks for ``u``. Likewise ``∇A = Σ_k M_k ⊙ ((∂L/∂u + ∂C/∂Z_k)ᵀ X)``:
+    the backward reads ``X`` once for a ``3r``-row product (``2r`` more than LoRA's). Every call computes ``u`` the
+    same way, so a recomputation under activation checkpointing reproduces the forward's values exactly.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, zone: torch.Tensor, step: Any) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor, step: Any) -> torch.Tensor:
         r, d = weight.shape
         # F.linear's output dtype: the autocast dtype when autocast is on, else the input's.
         device_type = x.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type=device_type, enabled=False):
-            w32 = weight.float()
-            stacked = torch.cat([w32, zone_weights(w32, zone)])  # [A; A⊙M_o; A⊙M_t; A⊙M_s], 4r x d
-            products = x.reshape(-1, d).float() @ stacked.T  # one read of X
-        ctx.response_grad = step(products[:, r:].contiguous()) if step is not None else None
-        ctx.save_for_backward(x, weight, zone)
-        return products[:, :r].to(out_dtype).contiguous().reshape(*x.shape[:-1], r)
+            zoned = (weight.float() * masks).view(3 * r, d)  # [A⊙M_o; A⊙M_t; A⊙M_s]
+            responses = x.reshape(-1, d).float() @ zoned.T  # Z, one read of X
+            u = responses.view(-1, 3, r).sum(1)
+            ctx.response_grad = step(responses) if step is not None else None
+        ctx.save_for_backward(x, weight, masks)
+        return u.to(out_dtype).reshape(*x.shape[:-1], r)
 
     @staticmethod
     def backward(ctx: Any, grad_u: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        x, weight, zone = ctx.saved_tensors
+        x, weight, masks = ctx.saved_tensors
         r, d = weight.shape
         grad_u = grad_u.reshape(-1, r).float()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_u @ weight.float()).to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            response_grad = ctx.response_grad
-            if response_grad is None:
-                left = grad_u
+            response = ctx.response_grad
+            if response is None:
+                grad_weight = (grad_u.T @ x.reshape(-1, d).float()).to(weight.dtype)
             else:
-                exclusive, shared, text_rows = response_grad
-                non_text_part = exclusive * text_rows  # ∂C/∂(A⊙M_o)x lives on text tokens
-                left = torch.cat([grad_u, non_text_part, exclusive - non_text_part, shared], dim=1)
-            products = left.T @ x.reshape(-1, d).float()  # one read of X for task and constraint
-            grad = products[:r]
-            if response_grad is not None:
-                for block, code in enumerate(ZONE_ORDER, start=1):
-                    grad = grad + torch.where(zone == code, products[block * r : (block + 1) * r], 0.0)
-            grad_weight = grad.to(weight.dtype)
+                gradient, text_rows = response
+                exclusive = gradient.exclusive
+                on_text = exclusive * text_rows  # ∂C/∂(A⊙M_o)x lives on text tokens, ∂C/∂(A⊙M_t)x on the others
+                shared = gradient.shared if gradient.shared is not None else torch.zeros_like(exclusive)
+                left = torch.cat([on_text, exclusive.sub_(on_text), shared], dim=1)
+                left.view(-1, 3, r).add_(grad_u[:, None])  # ∂L/∂u + ∂C/∂Z_k per zone block
+                products = left.T @ x.reshape(-1, d).float()  # one read of X for task and constraint
+                grad_weight = products.view(3, r, d).mul_(masks).sum(0).to(weight.dtype)
         ctx.response_grad = None
         return grad_x, grad_weight, None, None
 
@@ -123,11 +136,12 @@ class IMoDInjector:
             if modules is None or modules[0].bias is not None:
                 raise ValueError(f"IMoD needs a bias-free LoRA Linear A on {adapter.name}.")
             self._lora_a.append(modules[0])
-        self._zones: dict[int, torch.Tensor] = {}
+        self._zone_masks: dict[int, torch.Tensor] = {}
         self._layout: TokenLayout | None = None
         self._scale = 1.0
         self._counted: set[int] = set()
         self._armed = False
+        self._terms: torch.Tensor | None = None  # per layer of the micro-batch: [L_TS + L_OS, L_MA]
         self._metric_sums: torch.Tensor | None = None  # [Σ msd, #msd, Σ ma, #ma]
         self.micro_steps = 0
         self.micro_steps_with_non_text = 0
@@ -136,30 +150,57 @@ class IMoDInjector:
 
     # ---------------------------------------------------------------------------------------------------------------
     def arm(self, layout: TokenLayout, scale: float) -> None:
-        """Start a micro-batch with token ``layout``; its constraint gradients are multiplied by ``scale``."""
+        """Start a micro-batch with token ``layout``; its constraint gradients are multiplied by ``scale``.
+
+        Replaces the ``forward`` of every constrained ``lora_A`` (an instance attribute) until :meth:`disarm`; if
+        that fails half-way, the modules already replaced are restored before the error propagates. Prefer
+        :meth:`armed`, which disarms however the forward and backward end.
+        """
         self.disarm()
-        self._layout = layout
-        self._scale = float(scale)
-        self._counted = set()
-        self.micro_steps += 1
-        self.micro_steps_with_non_text += int(layout.has_non_text)
         for index, module in enumerate(self._lora_a):
             if "forward" in module.__dict__:
                 raise RuntimeError(
                     f"IMoD cannot run on {self.adapters[index].name}: its lora_A forward is already replaced (e.g. "
                     "by an offloading hook). Train without CPU/disk offloading of the LoRA layers, or with imod=False."
                 )
-            module.forward = lambda x, _i=index: self._forward(_i, x)
+        self._layout = layout
+        self._scale = float(scale)
+        self._counted = set()
+        self._terms = None
+        self.micro_steps += 1
+        self.micro_steps_with_non_text += int(layout.has_non_text)
         self._armed = True
+        try:
+            for index, module in enumerate(self._lora_a):
+                module.forward = self._zoned_forward(index)
+        except BaseException:
+            self.disarm()
+            raise
 
     def disarm(self) -> None:
-        """End the micro-batch (after its backward): ``lora_A`` runs ``F.linear`` again."""
+        """End the micro-batch (after its backward): ``lora_A`` runs ``F.linear`` again. Safe to call repeatedly."""
         if not self._armed:
             return
         for module in self._lora_a:
             module.__dict__.pop("forward", None)
         self._armed = False
+        self._record()
         self._layout = None
+
+    @contextmanager
+    def armed(self, layout: TokenLayout, scale: float) -> Iterator[IMoDInjector]:
+        """``with injector.armed(layout, scale): forward and backward`` — disarmed on exit, also on an exception."""
+        self.arm(layout, scale)
+        try:
+            yield self
+        finally:
+            self.disarm()
+
+    def _zoned_forward(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self._forward(index, x)
+
+        return forward
 
     def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         module = self._lora_a[index]
@@ -172,36 +213,44 @@ class IMoDInjector:
         if torch.is_grad_enabled() and index not in self._counted:  # the call whose node the backward will use
             self._counted.add(index)
             self.aligned_layers.add(self.adapters[index].name)
-            step = lambda responses: self._response_grad(responses, layout.to(responses.device))  # noqa: E731
-        return ZonedLoraA.apply(x, module.weight, self._zone(index, module.weight.device), step)
+            layout = layout.to(x.device)
 
-    def _response_grad(
-        self, responses: torch.Tensor, layout: TokenLayout
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grad, terms = response_gradient(responses, layout, self.lambda_msd, self.lambda_ma)
-        self._record(terms.decoupling, terms.alignment, layout)
-        r = grad.shape[1] // 3
-        grad = grad * self._scale
-        # The M_o block is zero off text tokens and the M_t block off non-text tokens: one r-wide tensor holds both.
-        return grad[:, :r] + grad[:, r : 2 * r], grad[:, 2 * r :].contiguous(), layout.text_rows
+            def step(responses: torch.Tensor) -> tuple[ResponseGradient, torch.Tensor]:
+                return self._response_grad(index, responses, layout), layout.text_rows
 
-    def _zone(self, index: int, device: torch.device) -> torch.Tensor:
-        zone = self._zones.get(index)
-        if zone is None or zone.device != device:
-            zone = self.masks.by_name[self.adapters[index].name].zone.to(device)
-            self._zones[index] = zone
-        return zone
+        return ZonedLoraA.apply(x, module.weight, self._masks_of(index, module.weight.device), step)
 
-    def _record(self, decoupling: torch.Tensor, alignment: torch.Tensor, layout: TokenLayout) -> None:
-        both = layout.sequences_with_both
+    def _response_grad(self, index: int, responses: torch.Tensor, layout: TokenLayout) -> ResponseGradient:
+        grad = constraint_gradient(responses, layout, self.lambda_msd, self.lambda_ma, self._scale)
+        if self._terms is None:
+            self._terms = responses.new_zeros(len(self._lora_a), 2)
+        torch.stack([grad.decoupling, grad.alignment.to(grad.decoupling.device)], out=self._terms[index])
+        return grad
+
+    def _masks_of(self, index: int, device: torch.device) -> torch.Tensor:
+        masks = self._zone_masks.get(index)
+        if masks is None or masks.device != device:
+            masks = zone_masks(self.masks.by_name[self.adapters[index].name].zone.to(device))
+            self._zone_masks[index] = masks
+        return masks
+
+    def _record(self) -> None:
+        """Add the micro-batch's per-layer terms to the running metric sums (a few tensor ops, no synchronisation)."""
+        terms, self._terms = self._terms, None
+        layout = self._layout
+        if terms is None or layout is None or not self._counted:
+            return
         if self._metric_sums is None:
-            self._metric_sums = torch.zeros(4, dtype=torch.float64, device=decoupling.device)
+            self._metric_sums = torch.zeros(4, dtype=torch.float64, device=terms.device)
         sums = self._metric_sums
-        # L_MA is logged as its mean over the sequences that hold both modalities.
-        ma = alignment.to(sums.device, torch.float64) * (layout.num_sequences / both) if both else sums.new_zeros(())
-        sums += torch.stack(
-            [decoupling.to(sums.device, torch.float64), sums.new_ones(()), ma, sums.new_tensor(float(both > 0))]
-        )
+        layers = len(self._counted)
+        both = layout.sequences_with_both
+        totals = terms.to(sums.device, torch.float64).sum(0)
+        sums[0] += totals[0]
+        sums[1] += layers
+        if both:  # L_MA is logged as its mean over the sequences that hold both modalities
+            sums[2] += totals[1] * (layout.num_sequences / both)
+            sums[3] += layers
 
     # ---------------------------------------------------------------------------------------------------------------
     def pop_metrics(self, device: torch.device) -> torch.Tensor:

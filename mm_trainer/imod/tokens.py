@@ -8,7 +8,7 @@ Non-text means any of image, video and audio placeholder tokens (:func:`mm_train
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -18,25 +18,37 @@ from ..modality import PAD, TEXT, token_modality
 
 @dataclass
 class TokenLayout:
-    """Token positions of one micro-batch, flattened over ``(batch, time)``.
+    """Token positions of one micro-batch, flattened over ``(batch, time)``, built once and shared by every layer.
+
+    Everything a layer's constraint needs per token or per sequence is a tensor here, computed in :meth:`from_classes`
+    without a loop over sequences, so a layer runs no Python loop and no host-device synchronisation of its own.
+    *Groups* are the ``(sequence, modality)`` pairs: group ``s`` holds the text tokens of sequence ``s`` and group
+    ``num_sequences + s`` its non-text tokens.
 
     Attributes:
         shape: ``input_ids.shape``; a layer input lines up with the tokens when its leading dims equal it.
         num_sequences: Sequences in the micro-batch (text-only ones included).
+        sequences_with_both: Sequences holding text and non-text tokens.
         text_index / non_text_index: Flat positions of the text / non-text tokens.
         text_sequence / non_text_sequence: Sequence of each of those positions.
         text_count / non_text_count: Tokens per sequence (float, ``num_sequences``).
         membership: ``num_sequences x tokens``, 1 where a (non-padding) token belongs to a sequence.
         text_mean / non_text_mean: ``num_sequences x tokens`` weights of the per-sequence mean over its text /
             non-text tokens (``1 / count`` on them, 0 elsewhere): ``text_mean @ values`` averages per sequence.
-            Dense matrices keep the per-sequence reductions as matrix products, whose backward is fast, rather than
-            scatter / index-add.
         text_weight / non_text_weight: Per token, its weight in its sequence's text / non-text mean (the column sums
             of ``text_mean`` / ``non_text_mean``).
+        group_mean: ``2·num_sequences x tokens``, ``text_mean`` stacked on ``non_text_mean``: per-group means.
+        group: Per token, its group (padding: 0, with weight 0).
+        token_weight: Per token, its weight in its group's mean (``text_weight + non_text_weight``).
+        both_groups: Per group, 1.0 when its sequence holds both modalities.
+        both_weight: Per token, ``token_weight`` where its sequence holds both modalities, else 0.
+        text_rows: ``tokens x 1`` float, 1 on text tokens.
+        text_mask: ``tokens x 1`` bool, True on text tokens.
     """
 
     shape: torch.Size
     num_sequences: int
+    sequences_with_both: int
     text_index: torch.Tensor
     text_sequence: torch.Tensor
     non_text_index: torch.Tensor
@@ -48,9 +60,15 @@ class TokenLayout:
     non_text_mean: torch.Tensor
     text_weight: torch.Tensor
     non_text_weight: torch.Tensor
+    group_mean: torch.Tensor
+    group: torch.Tensor
+    token_weight: torch.Tensor
+    both_groups: torch.Tensor
+    both_weight: torch.Tensor
+    text_rows: torch.Tensor
+    text_mask: torch.Tensor
     _by_device: dict[torch.device, TokenLayout] = field(default_factory=dict, repr=False)
     _positions: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
-    _text_rows: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, Any], config: Any) -> TokenLayout:
@@ -61,15 +79,18 @@ class TokenLayout:
     def from_classes(cls, classes: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> TokenLayout:
         """The layout from per-token classes (``PAD`` / ``TEXT`` / media) and, optionally, per-token sequence ids.
 
-        Without ``sequence_ids`` every row of ``classes`` is one sequence.
+        Without ``sequence_ids`` every row of ``classes`` is one sequence. Synchronises with the device at most twice
+        (the number of packed sequences, the number of sequences with both modalities), once per micro-batch.
         """
         if classes.dim() == 1:
             classes = classes[None]
         if sequence_ids is None:
-            sequence_ids = torch.arange(classes.shape[0], device=classes.device)[:, None].expand_as(classes)
+            num_sequences = classes.shape[0]
+            sequence_ids = torch.arange(num_sequences, device=classes.device)[:, None].expand_as(classes)
+        else:
+            num_sequences = int(sequence_ids.max()) + 1 if sequence_ids.numel() else 0
         flat = classes.reshape(-1)
         seq = sequence_ids.reshape(-1).to(flat.device)
-        num_sequences = int(seq.max()) + 1 if seq.numel() else 0
         text = flat == TEXT
         non_text = (flat != TEXT) & (flat != PAD)
         text_index = text.nonzero().flatten()
@@ -82,9 +103,14 @@ class TokenLayout:
         membership = membership.float()
         text_mean = membership * text.float()[None] / text_count.clamp(min=1)[:, None]
         non_text_mean = membership * non_text.float()[None] / non_text_count.clamp(min=1)[:, None]
+        text_weight = text_mean.sum(0)
+        non_text_weight = non_text_mean.sum(0)
+        both = (text_count > 0) & (non_text_count > 0)
+        token_weight = text_weight + non_text_weight
         return cls(
             shape=classes.shape,
             num_sequences=num_sequences,
+            sequences_with_both=int(both.sum()),
             text_index=text_index,
             text_sequence=text_sequence,
             non_text_index=non_text_index,
@@ -94,51 +120,39 @@ class TokenLayout:
             membership=membership,
             text_mean=text_mean,
             non_text_mean=non_text_mean,
-            text_weight=text_mean.sum(0),
-            non_text_weight=non_text_mean.sum(0),
+            text_weight=text_weight,
+            non_text_weight=non_text_weight,
+            group_mean=torch.cat([text_mean, non_text_mean]),
+            group=torch.where(non_text, seq + num_sequences, torch.where(text, seq, 0)),
+            token_weight=token_weight,
+            both_groups=both.float().repeat(2),
+            both_weight=token_weight * both[seq].float(),
+            text_rows=text.float()[:, None],
+            text_mask=text[:, None],
         )
-
-    @property
-    def text_rows(self) -> torch.Tensor:
-        """``tokens x 1`` float, 1 on text tokens (computed once)."""
-        if self._text_rows is None:
-            self._text_rows = (self.text_weight > 0).float()[:, None]
-        return self._text_rows
 
     @property
     def has_non_text(self) -> bool:
         """Whether any non-text token is present."""
         return self.non_text_index.numel() > 0
 
-    @property
-    def sequences_with_both(self) -> int:
-        """Sequences holding text and non-text tokens."""
-        return int(((self.text_count > 0) & (self.non_text_count > 0)).sum())
-
     def aligned(self, hidden: torch.Tensor) -> bool:
         """Whether a layer input ``(..., features)`` has one row per token of this batch."""
         return tuple(hidden.shape[:-1]) == tuple(self.shape)
 
     def to(self, device: torch.device) -> TokenLayout:
-        """This layout with its index tensors on ``device`` (cached per device)."""
+        """This layout with its tensors on ``device`` (cached per device)."""
         if self.text_index.device == device:
             return self
         if device not in self._by_device:
-            self._by_device[device] = TokenLayout(
-                shape=self.shape,
-                num_sequences=self.num_sequences,
-                text_index=self.text_index.to(device),
-                text_sequence=self.text_sequence.to(device),
-                non_text_index=self.non_text_index.to(device),
-                non_text_sequence=self.non_text_sequence.to(device),
-                text_count=self.text_count.to(device),
-                non_text_count=self.non_text_count.to(device),
-                membership=self.membership.to(device),
-                text_mean=self.text_mean.to(device),
-                non_text_mean=self.non_text_mean.to(device),
-                text_weight=self.text_weight.to(device),
-                non_text_weight=self.non_text_weight.to(device),
-            )
+            values = {
+                f.name: getattr(self, f.name).to(device)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+                else getattr(self, f.name)
+                for f in fields(self)
+                if not f.name.startswith("_")
+            }
+            self._by_device[device] = TokenLayout(**values)
         return self._by_device[device]
 
     def sequence_positions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,11 +1,16 @@
 """Step time and peak memory of IMoD vs plain LoRA on the same model and batch, in one run.
 
-    PYTHONPATH=. python tests/benchmarks/bench_imod.py            # hidden 1024, 4 layers, batch 4, ~330 tokens/row
+    PYTHONPATH=. python tests/benchmarks/bench_imod.py                      # default shape (below)
+    PYTHONPATH=. python tests/benchmarks/bench_imod.py --shape image-heavy  # 448 px images + short text, 4 layers
+
+``--shape`` picks one of the batch shapes of :data:`SHAPES` (image size, answer length, decoder layers); the single
+options (``--image-side``, ``--answer-words``, ``--layers``, ...) override it.
 
 Model: a Qwen2.5-VL-architecture model (language model hidden 1024, intermediate 2816, 16 heads, 2 KV heads, 4
 layers; the kit's tiny vision tower), fp32 on CPU. LoRA r=16, ``target_modules="all-linear"`` (language, vision and
 projector adapters; IMoD constrains the 28 language ones). Batch: 4 image-text rows, 224 px images (64 image tokens
-each) and a ~260-token answer. Goal: <= 1.10x time, <= 1.05x memory.
+each) and a ~260-token answer. Goal: <= 1.05x time on the default and the image-heavy shape, an overhead of at most
+twice the FLOP bound below on every shape, <= 1.05x memory.
 
 - **Time**: both trainers are built in this process and their ``training_step`` (forward + backward, IMoD's injection
   included; the optimizer step, identical for both, is not timed, which makes the ratio conservative) alternates on
@@ -15,16 +20,21 @@ each) and a ~260-token answer. Goal: <= 1.10x time, <= 1.05x memory.
 - **Memory**: each mode runs in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors leave the
   RSS); the peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` once model and batch are built) during 3
   steps minus the RSS before them is the memory the steps need; the process peak is printed too.
+- **Profile**: IMoD's parts replayed one by one on the step's own tensors (the input of every constrained
+  ``lora_A``, the batch's token layout), summed over the constrained layers, min CPU time over the repetitions:
+  the token layout (once per micro-batch), arming and disarming, LoRA's own ``A`` products for scale, the widened
+  forward product, MSDC, MAAC, and the injecting backward (its wider product, splitting ``∂C/∂Z`` and the
+  zone-masked sum). IMoD adds no collective of its own: the injected gradient is all-reduced with the task gradient, in the same
+  buckets (0 extra bytes), and the logged ``imod/msd`` / ``imod/ma`` cost one 4-number reduce per logging step.
 
 FLOP bound of the extra work, per constrained layer with ``A`` of ``r x d_in``, base weight ``d_in x d_out`` and
 ``N`` tokens. IMoD widens LoRA's own two products with ``X`` (see :mod:`mm_trainer.imod.inject`): the forward
-computes ``X @ [A; A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``3r`` more columns: ``2·N·d_in·3r``) and the backward
-``[∂L/∂u | ∂C/∂Z]ᵀ X`` (``3r`` more rows: ``2·N·d_in·3r``), ``12·N·d_in·r`` in all, plus ``O(N·r)`` for the
-constraints themselves and ``O(r·d_in)`` for the masks. (Computing only the rows each term needs would take
-``8·N·d_in·r`` but two more reads of ``X``; the products are bound by reading ``X``, so we take the FLOPs.) The layer
-itself costs at least ``4·N·d_in·d_out`` (frozen base: forward and input gradient; LoRA, attention and the LM head
-only add to it), so the extra FLOPs are at most ``3·r·Σ d_in / Σ (d_in·d_out)`` of the constrained layers' base
-FLOPs. The script prints that bound for its model and, for scale, for Qwen2.5-VL-7B's language model (hidden 3584,
+computes ``X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``2r`` more columns than ``X Aᵀ``, whose blocks sum to it:
+``2·N·d_in·2r``) and the backward ``[∂L/∂u + ∂C/∂Z_k]_kᵀ X`` (``2r`` more rows: ``2·N·d_in·2r``), ``8·N·d_in·r`` in
+all, plus ``O(N·r)`` for the constraints themselves and ``O(r·d_in)`` for the masks. The bound printed is the one of
+issue 17, ``12·N·d_in·r`` (the earlier ``4r``-wide products): the layer itself costs at least ``4·N·d_in·d_out``
+(frozen base: forward and input gradient; LoRA, attention and the LM head only add to it), so the extra FLOPs are
+at most ``3·r·Σ d_in / Σ (d_in·d_out)`` of the constrained layers' base FLOPs (``2·r·…`` now). The script prints that bound for its model and, for scale, for Qwen2.5-VL-7B's language model (hidden 3584,
 intermediate 18944, 28 layers).
 """
 
@@ -38,6 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,7 +62,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from peft import LoraConfig  # noqa: E402
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer  # noqa: E402
+from mm_trainer.imod import TokenLayout, ZonedLoraA  # noqa: E402
+from mm_trainer.imod.constraints import constraint_gradient, zone_masks  # noqa: E402
 from tests.benchmarks.common import image_text_rows, qwen2_5_vl_model, qwen2_5_vl_processor  # noqa: E402
+
+SHAPES: dict[str, dict[str, int]] = {
+    "default": {"image_side": 224, "answer_words": 200, "layers": 4},  # 4 rows, ~2k tokens, 256 of them image
+    "image-heavy": {"image_side": 448, "answer_words": 0, "layers": 4},  # 4 x 256 image tokens + short text
+    "image-heavy-2l": {"image_side": 448, "answer_words": 0, "layers": 2},
+    "image-224-2l": {"image_side": 224, "answer_words": 0, "layers": 2},  # 4 x 64 image tokens + short text
+    "image-56-2l": {"image_side": 56, "answer_words": 0, "layers": 2},  # 4 x 4 image tokens + short text
+    "image-56-4l": {"image_side": 56, "answer_words": 0, "layers": 4},
+}
+"""Batch shapes of the benchmark (``--shape``): image side in pixels, filler words in the answer, decoder layers."""
 
 
 def build(mode: str, opts: argparse.Namespace, out: str) -> tuple[MMSFTTrainer, dict]:
@@ -124,6 +148,100 @@ def worker(mode: str, opts: argparse.Namespace) -> None:
     print(json.dumps({"mode": mode, "rss_before": before, "peak": peak}))
 
 
+def cpu_min(fn: Callable[[], object], reps: int) -> float:
+    """Minimum CPU time of ``fn()`` over ``reps`` runs after one warm-up, seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def profile(trainer: MMSFTTrainer, batch: dict, reps: int) -> dict[str, float]:
+    """IMoD's parts, replayed one by one on the step's own tensors, CPU seconds per step (min over ``reps``)."""
+    balance = trainer.modality_balance
+    injector = balance.injector
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, _i=i: captured.setdefault(_i, args[0].detach()))
+        for i, module in enumerate(injector._lora_a)
+    ]
+    step(trainer, batch)
+    for handle in handles:
+        handle.remove()
+    layout = TokenLayout.from_batch(batch, trainer.model.config)
+    scale = balance.constraint_scale(trainer)
+    layers = []
+    for i, x in captured.items():
+        weight = injector._lora_a[i].weight.detach().clone().requires_grad_(True)
+        x = x.clone().requires_grad_(True)
+        masks = zone_masks(injector.masks.by_name[injector.adapters[i].name].zone)
+        r, d = weight.shape
+        responses = x.detach().reshape(-1, d) @ (weight.detach() * masks).view(3 * r, d).T
+        layers.append((x, weight, masks, responses, torch.randn(*x.shape[:-1], r)))
+
+    def lora_product() -> None:
+        for x, weight, _, _, grad in layers:
+            torch.nn.functional.linear(x, weight).backward(grad)
+
+    def widened(step_of: Callable[[torch.Tensor], Callable | None]) -> Callable[[], None]:
+        def run() -> None:
+            for x, weight, masks, responses, grad in layers:
+                ZonedLoraA.apply(x, weight, masks, step_of(responses)).backward(grad)
+
+        return run
+
+    def constraint(lambda_ma: float) -> Callable[[], None]:
+        def run() -> None:
+            for *_, responses, _ in layers:
+                constraint_gradient(responses, layout, injector.lambda_msd, lambda_ma, scale)
+
+        return run
+
+    gradients = {
+        id(responses): constraint_gradient(responses, layout, injector.lambda_msd, injector.lambda_ma, scale)
+        for *_, responses, _ in layers
+    }
+
+    def precomputed(responses: torch.Tensor) -> Callable:
+        gradient = gradients[id(responses)]  # computed above: only the backward's own work is timed
+        return lambda _: (replace(gradient, exclusive=gradient.exclusive.clone()), layout.text_rows)
+
+    def arming() -> None:
+        injector.arm(layout, scale)
+        injector.disarm()
+
+    injector.micro_steps -= reps + 1  # arming() counts micro-steps; keep the audit's counters as they were
+    injector.micro_steps_with_non_text -= (reps + 1) * int(layout.has_non_text)
+    times = {
+        "token layout (once per micro-batch)": cpu_min(
+            lambda: TokenLayout.from_batch(batch, trainer.model.config), reps
+        ),
+        "arm + disarm": cpu_min(arming, reps),
+        "LoRA A products fwd+bwd (plain, scale)": cpu_min(lora_product, reps),
+        "zoned forward": cpu_min(widened(lambda z: None), reps),
+        "MSDC": cpu_min(constraint(0.0), reps),
+        "MSDC + MAAC": cpu_min(constraint(injector.lambda_ma), reps),
+        "zoned forward + injecting backward": cpu_min(widened(precomputed), reps),
+    }
+    for x, weight, *_ in layers:
+        x.grad = weight.grad = None
+    return {
+        "token layout (once per micro-batch)": times["token layout (once per micro-batch)"],
+        "arm + disarm": times["arm + disarm"],
+        "widened forward product (2r more columns)": times["zoned forward"]
+        - times["LoRA A products fwd+bwd (plain, scale)"],
+        "MSDC": times["MSDC"],
+        "MAAC": times["MSDC + MAAC"] - times["MSDC"],
+        "injecting backward (2r more rows, masked sum)": times["zoned forward + injecting backward"]
+        - times["zoned forward"],
+        "all-reduce (none of its own)": 0.0,
+        "(LoRA A products fwd+bwd, plain LoRA)": times["LoRA A products fwd+bwd (plain, scale)"],
+    }
+
+
 def flop_bound(adapters: list, rank: int) -> float:
     """``3·r·Σ d_in / Σ (d_in·d_out)`` over the constrained adapters (see the module docstring)."""
     sum_in = sum(a.lora_A.shape[1] for a in adapters)
@@ -147,30 +265,37 @@ def qwen7b_bound(rank: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default", help="batch shape preset")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--image-side", type=int, default=224)
-    parser.add_argument("--answer-words", type=int, default=200)
+    parser.add_argument("--image-side", type=int)
+    parser.add_argument("--answer-words", type=int)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-dominance", action="store_true", help="skip the dominance-rate trainer")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--worker", choices=["plain", "imod"])
     opts = parser.parse_args()
+    for key, value in SHAPES[opts.shape].items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if opts.worker:
         worker(opts.worker, opts)
         return
 
     with tempfile.TemporaryDirectory() as out:
-        trainers = {mode: build(mode, opts, f"{out}/{mode}") for mode in ("plain", "imod", "dominance")}
+        modes = ("plain", "imod") if opts.no_dominance else ("plain", "imod", "dominance")
+        trainers = {mode: build(mode, opts, f"{out}/{mode}") for mode in modes}
         plain, batch = trainers["plain"]
         tokens = int(batch["attention_mask"].sum())
         image_tokens = int((batch["input_ids"] == plain.model.config.image_token_id).sum())
         constrained = trainers["imod"][0].modality_balance.injector.adapters
         print(
-            f"model: Qwen2.5-VL architecture, hidden {opts.hidden}, intermediate {opts.intermediate}, {opts.layers} "
+            f"shape {opts.shape!r}: Qwen2.5-VL architecture, hidden {opts.hidden}, intermediate {opts.intermediate}, {opts.layers} "
             f"layers, fp32, LoRA r={opts.rank} all-linear ({len(plain.adapters)} adapters, {len(constrained)} "
             f"constrained by IMoD); batch {opts.batch} rows, {tokens} tokens ({image_tokens} image); gradient "
             f"checkpointing {'on' if opts.gradient_checkpointing else 'off'}; torch {torch.__version__}, "
@@ -185,21 +310,12 @@ def main() -> None:
                 wall, cpu = step(trainer, b)
                 walls[mode].append(wall)
                 cpus[mode].append(cpu)
-        measured = trainers["dominance"][0].modality_balance.dominance.history
-        assert len(measured) == opts.reps + 1, "every step of the dominance trainer measures the rate"
+        if "dominance" in trainers:
+            measured = trainers["dominance"][0].modality_balance.dominance.history
+            assert len(measured) == opts.reps + 1, "every step of the dominance trainer measures the rate"
         med = {m: statistics.median(v) for m, v in walls.items()}
         med_cpu = {m: statistics.median(v) for m, v in cpus.items()}
-
-    mem = {}
-    # Large tensors get their own mappings, returned to the OS when freed, so RSS follows the live tensors.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for mode in ("plain", "imod"):
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", mode, *sys.argv[1:]], capture_output=True, text=True, env=env
-        )
-        if done.returncode:
-            raise RuntimeError(done.stderr[-3000:])
-        mem[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        parts = profile(*trainers["imod"], opts.reps)
 
     mib = 1 / 2**20
 
@@ -213,21 +329,49 @@ def main() -> None:
     row("step time, min CPU (s)", mins_cpu["plain"], mins_cpu["imod"])
     row("step time, median wall (s)", med["plain"], med["imod"])
     row("step time, median CPU (s)", med_cpu["plain"], med_cpu["imod"])
-    step_mem = {m: mem[m]["peak"] - mem[m]["rss_before"] for m in mem}
-    row("step memory (MiB)", step_mem["plain"] * mib, step_mem["imod"] * mib, "14.1f")
-    row("process peak RSS (MiB)", mem["plain"]["peak"] * mib, mem["imod"]["peak"] * mib, "14.1f")
-    row(
-        "dominance step, min CPU (s)",
-        mins_cpu["plain"],
-        mins_cpu["dominance"],
-        note="   (plain LoRA measuring the rate: once every dominance_steps)",
-    )
-    print(f"wall times (s): { {m: [round(t, 2) for t in v] for m, v in walls.items()} }")
-    print(f"CPU times (s): { {m: [round(t, 2) for t in v] for m, v in cpus.items()} }")
+    if "dominance" in mins_cpu:
+        row(
+            "dominance step, min CPU (s)",
+            mins_cpu["plain"],
+            mins_cpu["dominance"],
+            note="   (plain LoRA measuring the rate: once every dominance_steps)",
+        )
+    print(f"wall times (s): { {m: [round(t, 3) for t in v] for m, v in walls.items()} }")
+    print(f"CPU times (s): { {m: [round(t, 3) for t in v] for m, v in cpus.items()} }")
+    bound = flop_bound(constrained, opts.rank)
+    overhead = {
+        "min CPU": mins_cpu["imod"] / mins_cpu["plain"] - 1,
+        "median CPU": med_cpu["imod"] / med_cpu["plain"] - 1,
+    }
     print(
-        f"FLOP bound of the extra work: {flop_bound(constrained, opts.rank):.2%} of the constrained layers' base "
-        f"FLOPs here; {qwen7b_bound(opts.rank):.2%} for Qwen2.5-VL-7B's language model at r={opts.rank}"
+        f"FLOP bound of the extra work: {bound:.2%} of the constrained layers' base FLOPs here; "
+        f"{qwen7b_bound(opts.rank):.2%} for Qwen2.5-VL-7B's language model at r={opts.rank}. IMoD's overhead: "
+        + ", ".join(f"{v:+.2%} ({v / bound:.2f}x the bound) by {k}" for k, v in overhead.items())
     )
+    print(f"profile of one IMoD step ({len(constrained)} constrained layers), min CPU ms over {opts.reps} replays:")
+    extra = mins_cpu["imod"] - mins_cpu["plain"]
+    for name, seconds in parts.items():
+        print(f"  {name:42s}{seconds * 1e3:10.2f}")
+    listed = sum(v for k, v in parts.items() if not k.startswith("("))
+    print(f"  {'sum of IMoD parts':42s}{listed * 1e3:10.2f}   (measured step difference: {extra * 1e3:.2f})")
+    sys.stdout.flush()
+
+    mem: dict[str, dict] = {}
+    # Large tensors get their own mappings, returned to the OS when freed, so RSS follows the live tensors.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for mode in () if opts.no_memory else ("plain", "imod"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", mode, *sys.argv[1:]], capture_output=True, text=True, env=env
+        )
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        mem[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    if mem:
+        print(f"{'':30s}{'plain LoRA':>14s}{'IMoD':>14s}{'ratio':>9s}")
+        step_mem = {m: mem[m]["peak"] - mem[m]["rss_before"] for m in mem}
+        row("step memory (MiB)", step_mem["plain"] * mib, step_mem["imod"] * mib, "14.1f")
+        row("process peak RSS (MiB)", mem["plain"]["peak"] * mib, mem["imod"]["peak"] * mib, "14.1f")
 
 
 if __name__ == "__main__":

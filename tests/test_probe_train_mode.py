@@ -99,6 +99,21 @@ def test_gemma3n_text_only_keeps_exactly_what_training_trains(tmp_path, settings
     assert verdict == "pass" and set(statuses.values()) == {"trained"}
 
 
+def test_gemma3n_gates_reached_once_their_scale_is_trained():
+    """The per-layer gates are dropped for the zero scale, not for what they are: with a pretrained-like non-zero
+    ``correct_output_scale`` the same probe reaches them (``correction_coefs`` still never runs in training)."""
+    model = tiny_gemma3n()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.altup.correct_output_scale.normal_(0.0, 0.5)
+    batch = build_probe_batch(list(text_dataset(2)), make_tokenizer("causal_lm"))
+    layer = "model.language_model.layers.0"
+    names = [f"{layer}.per_layer_input_gate", f"{layer}.per_layer_projection", f"{layer}.altup.correction_coefs"]
+    result = probe_reachability(model, batch, names)
+    assert [result.status(n) for n in names] == ["reached", "reached", "never_fired"]
+    assert probe_reachability(model, batch, names[2:], ProbeSettings(training=False)).status(names[2]) == "reached"
+
+
 class _ModeBranches(nn.Module):
     """Wraps a final norm with a linear used only in training mode and another used only in eval mode."""
 
@@ -156,8 +171,8 @@ def _with_dropout(model: nn.Module, p: float = 0.2) -> nn.Module:
 
 
 def test_probe_leaves_training_bit_identical(tmp_path):
-    """Same targets with and without the probe: the adapters after 3 steps are equal to the bit. The probe's
-    training-mode forward draws dropout masks; without restoring the RNG the LoRA init would differ."""
+    """Same targets with and without the probe: the adapters after 3 steps (dropout on, checkpointing on) are equal to
+    the bit, so the probe's training-mode step leaves nothing behind that training sees."""
     adapters, plans = {}, {}
     for probe in (True, False):
         trainer = MMSFTTrainer(

@@ -10,6 +10,9 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForMultimodalLM,
     Gemma3Config,
+    Gemma3nConfig,
+    Gemma3nForConditionalGeneration,
+    Gemma3nVisionConfig,
     LlavaConfig,
     MllamaConfig,
     PretrainedConfig,
@@ -397,8 +400,7 @@ class Gemma3nVisionStandIn(PreTrainedModel):
     from the tower: ``last_hidden_state`` of shape ``(batch, hidden_size, h, w)``. Text-only data never calls it.
     """
 
-    from transformers import Gemma3nVisionConfig as config_class  # noqa: N813
-
+    config_class = Gemma3nVisionConfig
     main_input_name = "pixel_values"
 
     def __init__(self, config: Any) -> None:
@@ -426,8 +428,6 @@ def tiny_gemma3n_config() -> PretrainedConfig:
     """A tiny ``Gemma3nConfig`` with every Gemma 3n text-tower feature (AltUp, LAuReL, per-layer inputs, KV sharing,
     activation sparsity) on the ``causal_lm`` kit tokenizer; hard vision/audio token ids sit just past its vocabulary,
     as in the real model."""
-    from transformers import Gemma3nConfig
-
     ids = _token_ids("causal_lm")
     text_vocab = ids["vocab_size"]
     vision_offset, audio_offset = text_vocab, text_vocab + GEMMA3N_MM_VOCAB
@@ -483,7 +483,7 @@ def tiny_gemma3n(seed: int = 0) -> PreTrainedModel:
     Its weights are transformers' initialisation, including the zero ``altup.correct_output_scale`` that makes the
     input of every layer's ``per_layer_input_gate`` (and so of ``per_layer_projection``) exactly zero until trained.
     """
-    from transformers import AutoModel, Gemma3nForConditionalGeneration, Gemma3nVisionConfig
+    from transformers import AutoModel
 
     AutoModel.register(Gemma3nVisionConfig, Gemma3nVisionStandIn, exist_ok=True)
     config = tiny_gemma3n_config()

@@ -303,49 +303,70 @@ def _as_in_training(model: nn.Module, settings: ProbeSettings, device: torch.dev
 
 
 class _CheckpointingSwitch:
-    """Turns a model's activation checkpointing on for the probe as the trainer will, and back off after."""
+    """Turns a model's activation checkpointing on for the probe as the trainer will, and back off after.
+
+    transformers >= 5.2x names it ``activation_checkpointing_enable``; earlier 5.x ``gradient_checkpointing_enable``.
+    Enabling also hooks the input embeddings so their output requires grad; the hooks the probe adds are removed.
+    """
+
+    _HOOK_ATTRS = ("_require_grads_hooks", "_require_grads_hook")
 
     def __init__(self, model: nn.Module, settings: ProbeSettings) -> None:
         self.model = model
+        self.new_api = hasattr(model, "activation_checkpointing_enable")
+        state_attr = "is_activation_checkpointing" if self.new_api else "is_gradient_checkpointing"
         self.wanted = (
             settings.activation_checkpointing
-            and hasattr(model, "activation_checkpointing_enable")
+            and (self.new_api or hasattr(model, "gradient_checkpointing_enable"))
             and getattr(model, "supports_gradient_checkpointing", False)
-            and not getattr(model, "is_activation_checkpointing", False)
+            and not getattr(model, state_attr, False)
         )
         self.kwargs = dict(settings.activation_checkpointing_kwargs or {})
-        self.input_hooks_before: Any = getattr(model, "_require_grads_hooks", None)
+        self.hooks_before = {attr: getattr(model, attr, None) for attr in self._HOOK_ATTRS}
         self.enabled = False
 
     def enable(self) -> None:
         if not self.wanted:
             return
         kwargs = dict(self.kwargs)
-        every_n_layers = kwargs.pop("every_n_layers", 1)
-        offload = kwargs.pop("offload", False)
-        self.model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
-        )
+        if self.new_api:
+            every_n_layers = kwargs.pop("every_n_layers", 1)
+            offload = kwargs.pop("offload", False)
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+            )
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
         self.enabled = True
 
     def restore(self) -> None:
         if not self.enabled:
             return
-        self.model.activation_checkpointing_disable()
-        # Enabling also made the input embeddings' output require grad (hooks); remove the ones the probe added.
-        hooks = getattr(self.model, "_require_grads_hooks", None)
-        if hooks is not self.input_hooks_before:
-            for handle in hooks or []:
+        if self.new_api:
+            self.model.activation_checkpointing_disable()
+        else:
+            self.model.gradient_checkpointing_disable()
+        before = {id(h) for h in _handles(self.hooks_before)}
+        now = {attr: getattr(self.model, attr, None) for attr in self._HOOK_ATTRS}
+        for handle in _handles(now):
+            if id(handle) not in before:
                 handle.remove()
-            if self.input_hooks_before is None:
-                for attr in ("_require_grads_hooks", "_require_grads_hook"):
-                    if hasattr(self.model, attr):
-                        delattr(self.model, attr)
+        for attr, value in self.hooks_before.items():
+            if value is None:
+                if hasattr(self.model, attr):
+                    delattr(self.model, attr)
             else:
-                self.model._require_grads_hooks = self.input_hooks_before
-                if self.input_hooks_before:
-                    self.model._require_grads_hook = self.input_hooks_before[0]
+                setattr(self.model, attr, value)
         self.enabled = False
+
+
+def _handles(hooks: Mapping[str, Any]) -> list[Any]:
+    out = []
+    for value in hooks.values():
+        for handle in value if isinstance(value, list) else [value] if value is not None else []:
+            if all(handle is not h for h in out):
+                out.append(handle)
+    return out
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

@@ -247,3 +247,42 @@ def test_zero_input_is_not_reached():
     with torch.no_grad():
         model.scale.fill_(1.0)
     assert probe_reachability(model, batch, ["gate"]).status("gate") == "reached"
+
+
+def test_zero_on_the_first_step_only_is_reached_later():
+    """A linear fed by a zero-initialised linear gets a zero gradient on step 1 only: once the adapter upstream has
+    moved, its input is non-zero. The probe's second pass keeps it; real LoRA training confirms it trains."""
+
+    class ZeroInitChain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.opener = nn.Linear(8, 8, bias=False)
+            self.after = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 16)
+            nn.init.zeros_(self.opener.weight)
+
+        def forward(self, input_ids, labels):
+            h = self.embed(input_ids)
+            logits = self.head(h + self.after(self.opener(h)))
+            return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+    torch.manual_seed(0)
+    model = ZeroInitChain()
+    batch = {"input_ids": torch.randint(0, 16, (2, 5)), "labels": torch.randint(0, 16, (2, 5))}
+    result = probe_reachability(model, batch, ["opener", "after", "head"])
+    assert result.nonzero_grad == {"opener", "after", "head"} and result.reached_later == {"after"}
+    assert "first step" in result.reason("after")
+
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["opener", "after"]))
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    lora_b = peft_model.base_model.model.after.lora_B["default"].weight
+    grads = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        peft_model(**batch)["loss"].backward()
+        grads.append(torch.count_nonzero(lora_b.grad).item())
+        optimizer.step()
+    assert grads[0] == 0 and grads[1] > 0

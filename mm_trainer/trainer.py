@@ -233,7 +233,7 @@ class MMSFTTrainer(SFTTrainer):
         self, model: Any, peft_config: Any, dataset: Any, processing_class: Any, args: MMSFTConfig
     ) -> ProbeResult | None:
         try:
-            candidates = matched_modules(model, peft_config, self.tower_map)
+            candidates = matched_modules(model, peft_config)
         except Exception:
             return None  # resolve_targets reports a bad target spec with its own message
         if not candidates:

@@ -48,15 +48,15 @@ class StepTimes(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def engine_name(accelerator: Any) -> str:
+def engine_name(trainer: Any) -> str:
     """``ddp``, ``fsdp2`` (or ``fsdp1``), ``zero2``/``zero3``, or ``single``: what the run really used."""
-    state = accelerator.state
-    kind = str(state.distributed_type).split(".")[-1]
-    if kind == "FSDP":
-        return f"fsdp{state.fsdp_plugin.fsdp_version}"
-    if kind == "DEEPSPEED":
-        return f"zero{state.deepspeed_plugin.zero_stage}"
-    return "ddp" if accelerator.num_processes > 1 else "single"
+    if trainer.is_deepspeed_enabled:
+        return f"zero{trainer.model_wrapped.zero_optimization_stage()}"
+    if trainer.is_fsdp_enabled:
+        from torch.distributed.fsdp import FSDPModule
+
+        return "fsdp2" if isinstance(trainer.model, FSDPModule) else "fsdp1"
+    return "ddp" if trainer.accelerator.num_processes > 1 else "single"
 
 
 def run_case(out: Path, case: str, steps: int, extra: dict[str, Any]) -> None:
@@ -103,7 +103,7 @@ def run_case(out: Path, case: str, steps: int, extra: dict[str, Any]) -> None:
     trainer.save_model(str(out / case / "final"))
     rank = trainer.args.process_index
     info: dict[str, Any] = {
-        "engine": engine_name(trainer.accelerator),
+        "engine": engine_name(trainer),
         "world_size": trainer.args.world_size,
         "steps": trainer.state.global_step,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],

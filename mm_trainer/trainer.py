@@ -406,7 +406,16 @@ class MMSFTTrainer(SFTTrainer):
         self.adapters = adapters
         engine = engine_name(self)
         world = self.accelerator.num_processes
-        reduce_sum = (lambda t: self.accelerator.reduce(t, reduction="sum")) if world > 1 else None
+        reduce_sum = None
+        if world > 1:  # on the process group's device (FSDP2 may offload gradients to the CPU)
+            reduce_sum = lambda t: self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum")  # noqa: E731
+        if engine == "fsdp1" and self.auditor is not None:
+            self.auditor.unknown_reason = (
+                "FSDP1 flattens the adapter weights and gradients into shards that mm-trainer does not read, so "
+                "gradient telemetry and the adapters' statuses are not checked under it (they are with FSDP2: set "
+                "`fsdp_version: 2` in the accelerate config)."
+            )
+            logger.warning("mm-trainer: %s The audit's verdict will be 'unknown'.", self.auditor.unknown_reason)
         if self.telemetry is not None:
             # DeepSpeed runs its optimizer step inside `accelerator.backward`, after moving the reduced gradients into
             # its own partitions: telemetry reads each micro-batch's gradient as autograd delivers it instead.

@@ -50,13 +50,6 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def is_sharded(tensor: Any) -> bool:
-    """Whether some rank holds only part of ``tensor`` (a ``DTensor`` with a ``Shard`` placement)."""
-    if not is_dtensor(tensor):
-        return False
-    return any(p.is_shard() for p in tensor.placements)
-
-
 @contextlib.contextmanager
 def gathered(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     """The whole tensors of ``params``, on every rank, for reading inside the ``with`` block (a collective: call it on

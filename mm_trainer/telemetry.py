@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .adapters import LoraAdapter
-from .sharding import full_numel, full_shape, is_sharded, local_tensor
+from .sharding import full_numel, full_shape, is_dtensor, local_tensor
 
 
 class TowerTelemetry:
@@ -144,26 +144,28 @@ class TowerTelemetry:
         n = len(self.adapters)
         if self._captured is not None:
             return self._captured_squared_norms()
+        # FSDP2: each rank holds a shard of every gradient and the squares add up over the ranks. Decided from the
+        # parameters, the same on every rank, so that every rank joins the all-reduce.
+        summed = self._reduce_sum is not None and any(
+            is_dtensor(p) for a in self.adapters for p in (a.lora_A, a.lora_B)
+        )
         grads: list[torch.Tensor] = []
         owners: list[int] = []
         weights: list[float] = []
-        sharded = False
         for i, adapter in enumerate(self.adapters):
             for p in (adapter.lora_A, adapter.lora_B):
                 if p.grad is not None:
-                    sharded |= is_sharded(p.grad)
                     grads.append(local_tensor(p.grad))
                     owners.append(i)
-                    weights.append(_replica_weight(p.grad))
+                    # Under the sum over ranks, count an element held by several ranks once.
+                    weights.append(_replica_weight(p.grad, self._world_size) if summed else 1.0)
         sq = torch.zeros(n, dtype=torch.float64)
         if grads:
             norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
             per_param = _to_host(norms).double() ** 2 * torch.tensor(weights, dtype=torch.float64)
             sq.index_add_(0, torch.tensor(owners, dtype=torch.long), per_param)
-        if sharded and self._reduce_sum is not None:
-            # FSDP2: each rank holds a shard of every gradient; the squares add up over the shards.
-            device = grads[0].device if grads else torch.device("cpu")
-            sq = self._reduce_sum(sq.to(device)).cpu()
+        if summed:
+            sq = self._reduce_sum(sq).cpu()
         return sq
 
     def _captured_squared_norms(self) -> torch.Tensor:
@@ -215,11 +217,11 @@ def _adder(view: torch.Tensor) -> Callable[[torch.Tensor], None]:
     return hook
 
 
-def _replica_weight(grad: torch.Tensor) -> float:
-    """``1 / copies`` of a ``DTensor`` gradient held whole on several ranks (``Replicate`` mesh dimensions, as in
-    HSDP), so that summing every rank's squares counts each element once; 1 for anything else."""
-    if not is_sharded(grad) and not hasattr(grad, "placements"):
-        return 1.0
+def _replica_weight(grad: torch.Tensor, world_size: int) -> float:
+    """``1 / copies`` of a gradient whose squares are summed over all ranks: a ``DTensor`` counts its ``Replicate``
+    mesh dimensions (HSDP), a plain tensor is held whole by every rank."""
+    if not is_dtensor(grad):
+        return 1.0 / world_size
     copies = 1
     for dim, placement in enumerate(grad.placements):
         if placement.is_replicate():

@@ -83,3 +83,28 @@ def test_audit_tells_lora_weights_by_name_after_parameters_are_replaced():
         f"{rebound[0].name}.lora_A.default.weight",
         f"{rebound[0].name}.lora_B.default.weight",
     )
+
+
+def test_unknown_verdict_is_written_and_never_blocks_a_push(tmp_path):
+    """An engine the audit cannot read exactly (FSDP1) gives verdict "unknown" with the reason first, in audit.json
+    and AUDIT.md, and `guard_push` lets the push through."""
+    import json
+
+    from mm_trainer import MMSFTConfig, MMSFTTrainer
+    from tests.kit import make_tokenizer, text_dataset, training_args
+
+    trainer = MMSFTTrainer(
+        model=tiny_model("causal_lm"),
+        args=training_args(tmp_path, MMSFTConfig, max_steps=1),
+        train_dataset=text_dataset(4),
+        processing_class=make_tokenizer("causal_lm"),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    )
+    trainer.train()
+    trainer.auditor.unknown_reason = "FSDP1 test reason"
+    trainer.auditor._cache = None
+    trainer.save_model()
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["verdict"] == "unknown" and audit["reasons"][0]["message"] == "FSDP1 test reason"
+    assert "UNKNOWN" in (tmp_path / "AUDIT.md").read_text()
+    trainer.auditor.guard_push()  # no AuditFailedError

@@ -13,7 +13,11 @@ computed (before the language model), and adds ``0 * features`` to the language 
 - the loss is unchanged (``x + 0 == x``), and so is every gradient of a real batch: the dummy's branch gets an
   all-zero upstream gradient, so it adds exact zeros to the tower's parameter gradients;
 - adapters that only a dummy ran are not counted as having fired (the telemetry's ``fired`` set is restored), so the
-  audit of a tower that only ever saw dummies says ``never_fired``, as under DDP.
+  audit of a tower that only ever saw dummies says ``never_fired``, as under DDP;
+- in an optimizer step where no rank saw real media of a tower, the tower's (all-zero) gradients are set back to
+  ``None`` before the optimizer runs, so that AdamW skips those parameters exactly as it does under DDP (a zero
+  gradient would still apply momentum and weight decay). DeepSpeed steps inside its backward and treats a missing
+  gradient as zero anyway, so there this changes nothing.
 
 It is only switched on under a sharding engine (FSDP, ZeRO-3); DDP and ZeRO-1/2 do not need it.
 """
@@ -46,14 +50,29 @@ class DummyMediaError(ValueError):
 
 @dataclass
 class DummyStats:
-    """What the dummies cost: per tower, how many micro-batches needed one and the seconds their forwards took."""
+    """Per tower: micro-batches that needed a dummy, the seconds the dummy forwards took, and optimizer steps in which
+    no rank saw real media (whose gradients were set back to ``None``)."""
 
     used: dict[str, int] = field(default_factory=dict)
     forward_seconds: dict[str, float] = field(default_factory=dict)
+    idle_steps: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"used": dict(self.used), "forward_seconds": dict(self.forward_seconds)}
+        return {
+            "used": dict(self.used),
+            "forward_seconds": dict(self.forward_seconds),
+            "idle_steps": dict(self.idle_steps),
+        }
+
+
+def _features(output: Any) -> Any:
+    """The part of a feature extractor's output that the model feeds to its language model: ``pooler_output`` of
+    transformers' ``get_image_features`` / ``get_audio_features`` outputs, else the output itself. Using only that
+    keeps the dummy's backward through the same modules as a real batch's (ZeRO-3 checks that the module order
+    matches across ranks)."""
+    pooled = output.get("pooler_output") if isinstance(output, Mapping) else None
+    return pooled if pooled is not None else output
 
 
 def _tensors(output: Any) -> Iterator[torch.Tensor]:
@@ -104,7 +123,8 @@ class DummyMedia:
 
     Args:
         model: The base model (unwrapped from PEFT), whose modules stay the same objects under FSDP2 / ZeRO-3.
-        towers: Media towers (``vision``, ``audio``) the data reaches and that are not released.
+        towers: Media towers (``vision``, ``audio``) the data reaches and that are not released, each with the module
+            paths (in ``model``) whose gradients only its media produce (its roots; projectors go with the last one).
         language_root: Module path of the language model in ``model`` (the hook sits on its forward).
         processor: The processing class, to build the dummy inputs.
         telemetry: The trainer's telemetry (its ``fired`` set is restored after each dummy), or ``None``.
@@ -114,12 +134,20 @@ class DummyMedia:
     """
 
     def __init__(
-        self, model: nn.Module, towers: list[str], language_root: str, processor: Any, telemetry: Any = None
+        self,
+        model: nn.Module,
+        towers: Mapping[str, list[str]],
+        language_root: str,
+        processor: Any,
+        telemetry: Any = None,
     ) -> None:
+        self.model = model
         self.telemetry = telemetry
         self.stats = DummyStats()
+        self._roots = {t: list(paths) for t, paths in towers.items()}
+        self._real = dict.fromkeys(towers, 0)  # micro-batches with real media of each tower, this optimizer step
         self._extractors: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {}
-        for tower in towers:
+        for tower in self._roots:
             method = _EXTRACTORS[tower]
             owners = [(n, m) for n, m in model.named_modules() if callable(getattr(m, method, None))]
             if not owners:
@@ -139,6 +167,29 @@ class DummyMedia:
         """Arm the dummies this micro-batch needs (call before the model's forward, from ``compute_loss``)."""
         present = batch_modalities(inputs)
         self._needed = [t for t in self._extractors if not present & set(_TOWER_MODALITIES[t])]
+        for tower in self._extractors:
+            self._real[tower] += tower not in self._needed
+
+    def end_step(self, reduce: Any = None) -> list[str]:
+        """At the end of an optimizer step's backward (before clipping and the optimizer): set back to ``None`` the
+        gradients of each tower no rank saw real media of in this step (they are all zero; under DDP they would be
+        ``None`` and AdamW would skip them). Every rank must call it (``reduce`` sums across ranks).
+
+        Returns:
+            The towers whose gradients were dropped.
+        """
+        towers = list(self._real)
+        counts = torch.tensor([float(self._real[t]) for t in towers])
+        if reduce is not None:
+            counts = reduce(counts)
+        self._real = dict.fromkeys(towers, 0)
+        idle = [t for t, c in zip(towers, counts.tolist()) if c == 0]
+        for tower in idle:
+            self.stats.idle_steps[tower] = self.stats.idle_steps.get(tower, 0) + 1
+            for path in self._roots[tower]:
+                for param in self.model.get_submodule(path).parameters():
+                    param.grad = None
+        return idle
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         if not self._needed:
@@ -151,7 +202,7 @@ class DummyMedia:
             start = time.perf_counter()
             device = next((t.device for t in kwargs.values() if torch.is_tensor(t)), None)
             output = extractor(**{k: v.to(device) if device is not None else v for k, v in inputs.items()})
-            for t in _tensors(output):
+            for t in _tensors(_features(output)):
                 term = (t * 0).sum()  # exact zeros (no overflow from summing first), still in the autograd graph
                 zero = term if zero is None else zero + term
             self.stats.used[tower] = self.stats.used.get(tower, 0) + 1

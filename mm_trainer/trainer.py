@@ -315,11 +315,13 @@ class MMSFTTrainer(SFTTrainer):
         language = [path for path, (tower, _) in self.tower_map.roots.items() if tower == "language"]
         if not towers:
             return None
+        roots = {t: [path for path, (tower, _) in self.tower_map.roots.items() if tower == t] for t in towers}
+        roots[towers[-1]] += [path for path, (tower, _) in self.tower_map.roots.items() if tower == "projector"]
         base = self.model.get_base_model() if _is_peft_model(self.model) else self.model
         try:
             if not language:
                 raise DummyMediaError("the tower map found no language model to attach the dummy to")
-            return DummyMedia(base, towers, language[0], self.processing_class, self.telemetry)
+            return DummyMedia(base, roots, language[0], self.processing_class, self.telemetry)
         except DummyMediaError as err:
             raise ValueError(
                 f"Data with {'/'.join(towers)} media under {engine.name if engine.name != 'plain' else 'a sharded engine'}"
@@ -346,6 +348,9 @@ class MMSFTTrainer(SFTTrainer):
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.dummy_media is not None and self.accelerator.sync_gradients:
+            # A tower that only dummies ran in this step gets None gradients (AdamW skips it, as under DDP).
+            self.dummy_media.end_step(self._sum_across_ranks)
         if self.modality_balance is not None:
             self.modality_balance.after_backward(self)
         if self.telemetry is not None and self.accelerator.sync_gradients:
@@ -362,6 +367,11 @@ class MMSFTTrainer(SFTTrainer):
         if self.modality_balance is not None and self.model.training and "loss" in logs:
             logs.update(self.modality_balance.log_metrics(self))
         super().log(logs, start_time)
+
+    def _sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.args.device), reduction="sum")
 
     def _sync_fired(self) -> None:
         """Make every rank agree on which adapters have fired (a rank may never have seen an image batch)."""

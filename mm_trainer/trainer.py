@@ -23,7 +23,7 @@ from .audit.auditor import is_checkpoint_dir
 from .callbacks import MMTrainerCallback
 from .checkpoints import write_complete_marker
 from .config import MMSFTConfig
-from .dummy_media import DummyMedia, DummyMediaError
+from .dummy_media import DummyMedia
 from .engine import detect_engine, probe_blocker
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
@@ -151,7 +151,7 @@ class MMSFTTrainer(SFTTrainer):
             self.audit_sections.update(self.modality_balance.audit_sections())
         # Sharded engines (FSDP, ZeRO-3): media towers run on every micro-batch, on a zero-contribution dummy input
         # where the micro-batch holds no such media, so that every rank's collectives match (None elsewhere).
-        self.dummy_media: DummyMedia | None = self._dummy_media()
+        self.dummy_media: DummyMedia | None = DummyMedia.for_trainer(self)
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
         self.add_callback(MMTrainerCallback(self))  # re-binds after `accelerator.prepare`; marks checkpoints complete
@@ -302,33 +302,6 @@ class MMSFTTrainer(SFTTrainer):
             return False
         evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset] if eval_dataset else []
         return all(profile_dataset(ds, max_rows=args.modality_sample_rows).text_only for ds in evals)
-
-    def _dummy_media(self) -> DummyMedia | None:
-        """A :class:`DummyMedia` for the media towers the data reaches, when the engine shards parameters."""
-        engine = detect_engine(self.args)
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if not (self.is_fsdp_enabled or zero3 or engine.shards_parameters) or self.target_plan is None:
-            return None
-        released = {r.tower for r in self.released_towers}
-        towers = [t for t in ("vision", "audio") if t in self.modality_profile.reached_towers() and t not in released]
-        towers = [t for t in towers if t in self.tower_map.present_towers()]
-        language = [path for path, (tower, _) in self.tower_map.roots.items() if tower == "language"]
-        if not towers:
-            return None
-        roots = {t: [path for path, (tower, _) in self.tower_map.roots.items() if tower == t] for t in towers}
-        roots[towers[-1]] += [path for path, (tower, _) in self.tower_map.roots.items() if tower == "projector"]
-        base = self.model.get_base_model() if _is_peft_model(self.model) else self.model
-        try:
-            if not language:
-                raise DummyMediaError("the tower map found no language model to attach the dummy to")
-            return DummyMedia(base, roots, language[0], self.processing_class, self.telemetry)
-        except DummyMediaError as err:
-            raise ValueError(
-                f"Data with {'/'.join(towers)} media under {engine.name if engine.name != 'plain' else 'a sharded engine'}"
-                f" needs every rank to run the {'/'.join(towers)} tower on every micro-batch (its sharded weights are "
-                f"gathered collectively), and mm-trainer cannot build a dummy input for it: {err}. Use data in which "
-                "every row holds the same media, or train with DDP or DeepSpeed ZeRO-2 (no parameter sharding)."
-            ) from err
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training hooks

@@ -21,11 +21,13 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 class DummyOnTrainer(MMSFTTrainer):
-    """MMSFTTrainer with the dummy media on, as under a sharding engine."""
+    """MMSFTTrainer with the dummy media on, as under a sharding engine (``DummyMedia.for_trainer`` switches it on
+    only there)."""
 
-    def _dummy_media(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         base = self.model.get_base_model()
-        return DummyMedia(
+        self.dummy_media = DummyMedia(
             base, {"vision": ["model.visual"]}, "model.language_model", self.processing_class, self.telemetry
         )
 
@@ -99,6 +101,8 @@ def test_training_with_dummy_equals_training_without(tmp_path):
             "statuses": {m["name"]: m["status"] for m in audit["modules"]},
             "fired": set(trainer.telemetry.fired),
         }
+        if name == "plain":
+            assert trainer.dummy_media is None  # one process: no sharding engine, no dummy
         if name == "dummy":
             stats = trainer.dummy_media.stats
             assert stats.used["vision"] > 0 and stats.idle_steps.get("vision", 0) > 0  # both paths exercised

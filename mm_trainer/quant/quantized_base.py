@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..towers import TowerMap, map_towers
 from .import_utils import require_bitsandbytes
 from .loftq import LoftQResult, loftq_decompose, lora_scaling, rebuild_quantized
@@ -540,16 +541,15 @@ class QuantizedBase:
         """Write ``quantization.json`` (and LoftQ's offsets when ``loftq_iter > 1``) into ``output_dir``."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / QUANT_FILE, "w") as f:
-            json.dump(self.to_record(), f, indent=1)
+        atomic_write_json(output_dir / QUANT_FILE, self.to_record())
         if self._has_offsets():
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             tensors = {}
             for name, r in self.loftq.items():
                 tensors[f"{name}.offset_A"] = r.offset_A.detach().contiguous().cpu()
                 tensors[f"{name}.offset_B"] = r.offset_B.detach().contiguous().cpu()
-            save_file(tensors, str(output_dir / LOFTQ_OFFSETS_FILE))
+            atomic_write_bytes(output_dir / LOFTQ_OFFSETS_FILE, save(tensors))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

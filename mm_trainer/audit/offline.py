@@ -207,7 +207,7 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
         if a is None or b is None:
             status = "missing"
             reason = (
-                f"the weights hold lora_{'B' if a is not None else 'A'} but no lora_{'A' if a is not None else 'B'}: "
+                f"the weights hold lora_{'A' if a is not None else 'B'} but no lora_{'B' if a is not None else 'A'}: "
                 "the adapter is incomplete (PEFT would load the absent factor at its init value)"
             )
         elif no_op:

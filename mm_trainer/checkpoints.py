@@ -64,9 +64,13 @@ def write_complete_marker(checkpoint: Path, global_step: int) -> None:
 
 
 def unmark_checkpoint(folder: Path) -> None:
-    """Remove the marker of ``folder`` before its files are written again (no-op for other folders)."""
-    if _CHECKPOINT.match(folder.name):
-        (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    """Before ``folder`` is written (again): remove its marker, and the temporary files an atomic write cut short by a
+    kill left there (``.<name>.<random>.tmp``). A no-op for folders not named ``checkpoint-N``."""
+    if not _CHECKPOINT.match(folder.name) or not folder.is_dir():
+        return
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def checkpoint_step(folder: Path) -> int | None:

@@ -153,7 +153,7 @@ class TrainingAuditor:
         where = (
             f"the traceback is in {output_dir / AUDIT_ERROR}"
             if written
-            else f"{AUDIT_ERROR} could not be written either, the traceback is in the log above"
+            else f"{AUDIT_ERROR} could not be written either (see the logged errors above)"
         )
         warnings.warn(
             f"mm-trainer could not write the audit to {output_dir} ({type(err).__name__}: {err}). The adapter is "

@@ -56,3 +56,30 @@ def test_overflowing_weights_are_reported_as_overflow(tmp_path):
     assert "weights_overflow" in codes and "non_finite_weights" not in codes
     assert audit["verdict"] == "fail"
     assert all(m["finite"] for m in audit["modules"])
+
+
+def test_tower_and_trainer_gradient_norms_share_one_aggregation(tmp_path):
+    # logging_steps=2: both are the value of the logged step (no window mean), so with only language adapters
+    # trainable the tower norm is the Trainer's total norm up to float32 rounding of the two reductions.
+    trainer = MMSFTTrainer(
+        model=tiny_model("qwen2_5_vl"),
+        args=training_args(tmp_path, max_steps=6, logging_steps=2, learning_rate=5e-3),
+        train_dataset=text_dataset(12),
+        processing_class=make_tokenizer("qwen2_5_vl"),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "grad_norm/language" in h]
+    assert [h["step"] for h in logs] == [2, 4, 6]
+    for h in logs:
+        assert h["grad_norm/language"] == pytest.approx(h["grad_norm"], rel=1e-5)
+    audit = trainer.auditor.report()
+    assert audit["dynamics"]["aggregation"]["grad_norm"] == "value at the logged optimizer step, before clipping"
+    from mm_trainer.compare import draw, load_runs
+
+    trainer.save_model()
+    fig = draw(load_runs([tmp_path]), tmp_path / "cmp.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any(
+        t.startswith("Gradient norm, all trainable") and "value at the logged optimizer step" in t for t in titles
+    )

@@ -43,12 +43,18 @@ LOSS_AGGREGATION = "mean over the logging window, before logging_nan_inf_filter"
 """How every loss point is aggregated (when mm-trainer recorded the unfiltered loss; else as the Trainer logged it)."""
 
 
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
 def series(history: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
     """``(step, value)`` of every history entry that holds ``key`` (in log order)."""
     out = []
     for entry in history:
-        if key in entry and isinstance(entry[key], (int, float)) and not isinstance(entry[key], bool):
-            out.append((int(entry.get("step", len(out) + 1)), float(entry[key])))
+        value = entry.get(key)
+        if isinstance(value, str) and value in _NON_FINITE:  # a checkpoint's JSON keeps NaN / infinity as strings
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((int(entry.get("step", len(out) + 1)), float(value)))
     return out
 
 

@@ -5,7 +5,8 @@ Curves are drawn against the optimizer step, so runs of different lengths and lo
 
 Table columns (fixed rules, so tables of different studies compare):
 
-- ``final_loss`` / ``min_loss``: the last and the smallest logged training loss.
+- ``final_loss`` / ``min_loss``: the last logged training loss (NaN when the run ended diverged: the audit records
+  the loss before transformers' ``logging_nan_inf_filter``) and the smallest finite one.
 - ``grad_norm_p10`` / ``grad_norm_median`` / ``grad_norm_p90``: the band of the Trainer's total gradient norm (before
   clipping) after warm-up. Warm-up is the first ``max(warmup_steps, ceil(10% of the run's last step))`` steps: LoRA
   gradients start near zero (B = 0) or high (PiSSA), and the band should describe the settled run.
@@ -14,10 +15,15 @@ Table columns (fixed rules, so tables of different studies compare):
 - ``spikes``: loss / gradient-norm spikes the audit found (its rule: a value >= 1.5x (loss) or 5x (gradient norm) the
   median of the preceding values).
 - ``effective_trainable`` / ``nominal_trainable`` and ``verdict``: from the audit.
+
+Every gradient-norm number and curve (table, plot) is the same series: the value at each logged optimizer step, before
+clipping (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`); the plot draws the Trainer's total norm ("all
+trainable", whose peak the table reports) above the per-tower ones.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -25,10 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .audit.dynamics import band
+from .atomic import atomic_write_bytes
+from .audit.dynamics import GRAD_NORM_AGGREGATION, band
 
 AUDIT_FILE = "audit.json"
 WARMUP_SHARE = 0.10
+MAX_AUDIT_BYTES = 256 * 2**20
+"""An ``audit.json`` larger than this is refused unread (a training audit is a few hundred KB)."""
 
 
 class RunDirError(ValueError):
@@ -75,13 +84,24 @@ def run_label(audit: dict[str, Any]) -> str:
     return label
 
 
-def _points(raw: Any) -> list[tuple[int, float]]:
+def _points(raw: Any, path: Path, key: str) -> list[tuple[int, float]]:
+    """``[[step, value], ...]`` as numbers (``"nan"`` / ``"inf"`` strings as floats); refuses any other shape."""
+    if not isinstance(raw, list):
+        raise RunDirError(f"{path}: {AUDIT_FILE} dynamics.series.{key} is a {type(raw).__name__}, not a list.")
     out = []
-    for item in raw or []:
-        step, value = item
-        value = float(value) if not isinstance(value, str) else float("nan")
-        out.append((int(step), value))
+    for item in raw:
+        ok = isinstance(item, (list, tuple)) and len(item) == 2
+        step, value = item if ok else (None, None)
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+            value = float(value)
+        if not (ok and _is_num(step) and _is_num(value)):
+            raise RunDirError(f"{path}: {AUDIT_FILE} dynamics.series.{key} holds {str(item)[:40]}, not [step, value].")
+        out.append((int(step), float(value)))
     return out
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_run(path: str | Path) -> Run:
@@ -100,14 +120,29 @@ def load_run(path: str | Path) -> Run:
             "after `trainer.save_model()`, or run `mm-trainer audit` on adapters trained elsewhere."
         )
     try:
-        audit = json.loads(audit_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RunDirError(f"{path}: {AUDIT_FILE} is unreadable ({err}).") from err
+        if audit_path.stat().st_size > MAX_AUDIT_BYTES:
+            raise RunDirError(f"{path}: {AUDIT_FILE} is {audit_path.stat().st_size:,} bytes, too large for an audit.")
+        audit = json.loads(audit_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise RunDirError(f"{path}: {AUDIT_FILE} is unreadable ({type(err).__name__}: {err}).") from err
+    if not isinstance(audit, dict):
+        raise RunDirError(f"{path}: {AUDIT_FILE} holds a JSON {type(audit).__name__}, not an audit object.")
     if audit.get("kind") not in (None, "training"):
         raise RunDirError(f"{path}: {AUDIT_FILE} is not a training audit (kind={audit.get('kind')!r}).")
-    raw = ((audit.get("dynamics") or {}).get("series")) or {}
-    series = {k: _points(v) for k, v in raw.items() if k == "loss" or k.startswith("grad_norm")}
-    return Run(path=path, label=run_label(audit), audit=audit, series=series)
+    for key in ("dynamics", "params", "training", "adapter_config"):
+        if audit.get(key) is not None and not isinstance(audit[key], dict):
+            raise RunDirError(f"{path}: {AUDIT_FILE} `{key}` is a {type(audit[key]).__name__}, not an object.")
+    raw = (audit.get("dynamics") or {}).get("series") or {}
+    if not isinstance(raw, dict):
+        raise RunDirError(f"{path}: {AUDIT_FILE} dynamics.series is a {type(raw).__name__}, not an object.")
+    series = {k: _points(v, path, k) for k, v in raw.items() if k == "loss" or k.startswith("grad_norm")}
+    if not isinstance((audit.get("dynamics") or {}).get("spikes") or [], list):
+        raise RunDirError(f"{path}: {AUDIT_FILE} dynamics.spikes is not a list.")
+    try:
+        label = run_label(audit)
+    except (AttributeError, TypeError) as err:
+        raise RunDirError(f"{path}: {AUDIT_FILE} has an unexpected layout ({err}).") from err
+    return Run(path=path, label=label, audit=audit, series=series)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -135,7 +170,8 @@ def warmup_steps(run: Run) -> int:
 
 def summary_row(run: Run) -> dict[str, Any]:
     """The table row of one run (see the module docstring for each column's rule)."""
-    loss = _finite(run.series.get("loss", []))
+    raw_loss = run.series.get("loss", [])
+    loss = _finite(raw_loss)
     grad = _finite(run.series.get("grad_norm", []))
     skip = warmup_steps(run)
     settled = band(v for s, v in grad if s > skip) or band(v for _, v in grad)  # the audit's own percentiles
@@ -145,7 +181,7 @@ def summary_row(run: Run) -> dict[str, Any]:
         "run": run.label,
         "path": str(run.path),
         "steps": run.audit.get("global_step"),
-        "final_loss": loss[-1][1] if loss else None,
+        "final_loss": raw_loss[-1][1] if raw_loss else None,
         "min_loss": min(v for _, v in loss) if loss else None,
         "warmup_steps": skip,
         "grad_norm_p10": settled["p10"] if settled else None,
@@ -172,7 +208,8 @@ def draw(runs: Sequence[Run], out: str | Path) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     towers = sorted({t for run in runs for t in run.towers})
-    panels = ["loss", *[f"grad_norm/{t}" for t in towers]]
+    total = ["grad_norm"] if any(run.series.get("grad_norm") for run in runs) else []
+    panels = ["loss", *total, *[f"grad_norm/{t}" for t in towers]]
     fig = Figure(figsize=(7.5, 2.8 * len(panels)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
@@ -190,9 +227,9 @@ def draw(runs: Sequence[Run], out: str | Path) -> Any:
             ax.set_ylabel("training loss")
             ax.set_title("Loss")
         else:
-            tower = key.split("/", 1)[1]
+            what = "all trainable (Trainer's grad_norm)" if key == "grad_norm" else f"{key.split('/', 1)[1]} tower"
             ax.set_ylabel("grad norm")
-            ax.set_title(f"Adapter gradient norm: {tower} tower (before clipping)")
+            ax.set_title(f"Gradient norm, {what}: {GRAD_NORM_AGGREGATION}", fontsize="medium")
             if plotted and min(plotted) > 0:
                 ax.set_yscale("log")
             elif any(v > 0 for v in plotted):  # a zero (dead tower) cannot sit on a log axis
@@ -201,7 +238,9 @@ def draw(runs: Sequence[Run], out: str | Path) -> Any:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(loc="upper right", fontsize="small")
     axes[-1].set_xlabel("optimizer step")
-    fig.savefig(out)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(out, buffer.getvalue())
     return fig
 
 
@@ -211,6 +250,12 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[
     Returns:
         ``{"runs": [row, ...], "plot": str | None}``.
     """
+    if out is not None:
+        folder = Path(out).parent
+        if not folder.is_dir():
+            raise RunDirError(f"--out {out}: the folder {folder} does not exist; create it or write elsewhere.")
+        if Path(out).is_dir():
+            raise RunDirError(f"--out {out} is a directory; give a file name such as {Path(out) / 'compare.png'}.")
     runs = load_runs(paths)
     if out is not None:
         draw(runs, out)

@@ -299,3 +299,39 @@ def token_modality(
     if attention_mask is not None and attention_mask.shape == input_ids.shape:
         classes[attention_mask == 0] = PAD
     return classes
+
+
+_TEXT_SOURCES = ("messages", "prompt", "completion", "input_ids", "conversations")
+"""Columns from which TRL's ``SFTTrainer`` builds the text (besides ``dataset_text_field``)."""
+
+
+def check_dataset_columns(dataset: Any, text_field: str | None, formatting_func: Any = None) -> None:
+    """Refuse, with the fix, a dataset from which ``SFTTrainer`` can build no text (it would fail deep inside
+    ``datasets`` with a bare ``KeyError``).
+
+    Args:
+        dataset: The training dataset (``Dataset`` / ``IterableDataset``; other kinds are not checked).
+        text_field: ``dataset_text_field`` (default ``"text"``).
+        formatting_func: When given, it builds the text from any columns: nothing is checked.
+
+    Raises:
+        ValueError: No column the text could come from.
+    """
+    if formatting_func is not None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, dict):  # a DatasetDict: not a training split
+        return
+    if not isinstance(columns, (list, tuple)):
+        try:
+            columns = list(next(iter(dataset)).keys())
+        except Exception:  # noqa: BLE001 - an unreadable stream is reported by the Trainer itself
+            return
+    usable = {*_TEXT_SOURCES, text_field or "text"}
+    if not columns or usable & set(columns):
+        return
+    raise ValueError(
+        f"The training dataset has no column the text can come from: its columns are {sorted(columns)[:20]}, "
+        f"expected 'messages', 'prompt'+'completion', 'input_ids' or '{text_field or 'text'}'. Rename the column "
+        f"holding the text, set `dataset_text_field` in the config to its name, or pass a `formatting_func`."
+    )

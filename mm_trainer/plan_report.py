@@ -16,9 +16,26 @@ def human(n: float) -> str:
     return str(int(n))
 
 
+def peft_method(plan: TargetPlan) -> str:
+    """The PEFT method of the plan's config: ``LoRA``, ``IA3``, ``LoHa``, ... (``LoRA`` for the CLI's spec)."""
+    peft_type = getattr(plan.peft_config, "peft_type", None)
+    name = getattr(peft_type, "value", peft_type)
+    if not name:
+        return "LoRA"
+    return "LoRA" if str(name).upper() == "LORA" else str(name)
+
+
+def _budget(plan: TargetPlan) -> str:
+    """What the parameter columns count: LoRA at the plan's rank (an estimate for other methods)."""
+    method = peft_method(plan)
+    return (
+        f"LoRA r={plan.rank}" if method == "LoRA" else f"{method}; parameter columns estimated as LoRA r={plan.rank}"
+    )
+
+
 def plan_table(plan: TargetPlan, title: str | None = None) -> Table:
     """The per-tower table: linear layers, base params, LoRA params kept / dropped at the plan's rank, and why."""
-    table = Table(title=title or f"mm-trainer target plan (LoRA r={plan.rank})", title_justify="left")
+    table = Table(title=title or f"mm-trainer target plan ({_budget(plan)})", title_justify="left")
     table.add_column("tower")
     table.add_column("linear", justify="right")
     table.add_column("base params", justify="right")
@@ -50,10 +67,11 @@ def plan_summary(plan: TargetPlan) -> str:
     total = sum(d.lora_params for d in plan.decisions)
     dead = sum(d.lora_params for d in plan.decisions if d.dead)
     kept = sum(d.lora_params for d in plan.decisions if d.kept)
+    unit = "LoRA params" if peft_method(plan) == "LoRA" else "params if it were LoRA"
     return (
-        f"target_modules={plan.user_target_modules!r} matches {len(plan.decisions)} modules ({human(total)} LoRA "
-        f"params); {human(dead)} ({plan.wasted_share():.1%}) would sit on modules the data never reaches. "
-        f"Adapting {len(plan.kept())} modules, {human(kept)} LoRA params."
+        f"{peft_method(plan)} target_modules={plan.user_target_modules!r} matches {len(plan.decisions)} modules "
+        f"({human(total)} {unit}); {human(dead)} ({plan.wasted_share():.1%}) would sit on modules the data never "
+        f"reaches. Adapting {len(plan.kept())} modules, {human(kept)} {unit}."
     )
 
 

@@ -17,8 +17,9 @@ class TowerTelemetry:
     """Gradient norm per tower and the fraction of adapters with a non-zero gradient, step by step.
 
     Call :meth:`collect` once per optimizer step, after the gradients of the step are complete (accumulated and, under
-    DDP, reduced) and before they are clipped or zeroed. :meth:`flush` returns the means since the last flush, ready
-    for ``Trainer.log``, and appends them to :attr:`history`.
+    DDP, reduced) and before they are clipped or zeroed. :meth:`flush` returns the metrics of the logging window
+    (gradient norm of its last step, mean share of active adapters), ready for ``Trainer.log``, and appends them to
+    :attr:`history`.
 
     The cost is one norm per adapter weight and one device-to-host copy per step; with sharded gradients (FSDP2) one
     all-reduce of one number per adapter, with captured ones (DeepSpeed, see :meth:`bind`) one all-reduce of the
@@ -180,10 +181,18 @@ class TowerTelemetry:
         return sq.index_add_(0, torch.arange(len(self.adapters)).repeat_interleave(2), per_param)
 
     def flush(self, step: int) -> dict[str, float]:
-        """Means since the last flush (``grad_norm/<tower>``, ``active_adapters/<tower>``); recorded in history."""
+        """The metrics of the logging window that ends at ``step``, recorded in history.
+
+        ``grad_norm/<tower>`` is the value of the last optimizer step of the window (the step logged), as the
+        Trainer's own ``grad_norm``, so the two line up (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`);
+        ``active_adapters/<tower>`` is the mean share over the window's steps.
+        """
         if not self._pending:
             return {}
-        metrics = {key: sum(vals) / len(vals) for key, vals in self._pending.items()}
+        metrics = {
+            key: vals[-1] if key.startswith("grad_norm/") else sum(vals) / len(vals)
+            for key, vals in self._pending.items()
+        }
         self._pending.clear()
         self.history.append({"step": int(step), **metrics})
         return metrics

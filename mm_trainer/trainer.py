@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
@@ -20,26 +18,36 @@ from .adapters import LoraAdapter, lora_adapters
 from .atomic import atomic_write_json
 from .audit import TrainingAuditor
 from .audit.auditor import is_checkpoint_dir
+from .audit.raw_loss import RawLoss
+from .audit.report import jsonable
 from .callbacks import MMTrainerCallback
-from .checkpoints import write_complete_marker
+from .checkpoints import resolve_resume_checkpoint, unmark_checkpoint, write_complete_marker
 from .config import MMSFTConfig
 from .dummy_media import DummyMedia
 from .engine import detect_engine, probe_blocker
 from .imod import ModalityBalance, check_imod_data
-from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
+from .inputs import check_model_path
+from .modality import NON_TEXT_MODALITIES, ModalityProfile, check_dataset_columns, profile_dataset, sample_rows
 from .plan_report import print_plan
 from .probe import ProbeResult, ProbeSettings, build_probe_batch, choose_probe_rows, probe_reachability
 from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
 from .release import ReleaseRecord, releasable_roots, release_blocker, release_towers
+from .resume import (
+    SETTINGS_KEY,
+    STATE_FILE,
+    CheckpointStateError,
+    check_settings,
+    checkpoint_settings,
+    corrupt_state,
+    read_state,
+    run_settings,
+)
 from .sharding import engine_name, gathered
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
 from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "mm_trainer_state.json"
-"""Per-save file with what a resumed run needs: the plan's kept targets and the telemetry history."""
 
 
 class MMSFTTrainer(SFTTrainer):
@@ -85,9 +93,11 @@ class MMSFTTrainer(SFTTrainer):
         peft_config: Any = None,
         formatting_func: Any = None,
     ) -> None:
+        check_model_path(model)  # mm-trainer's message before transformers' "Repo id must be in the form ..."
         args = _as_mm_config(args, model)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        check_dataset_columns(train_dataset, args.dataset_text_field, formatting_func)
         check_peft_config(args.quantization, peft_config, model)
 
         model, processing_class = self._load_model_and_processor(model, args, quantization_config, processing_class)
@@ -155,6 +165,9 @@ class MMSFTTrainer(SFTTrainer):
         self.dummy_media: DummyMedia | None = DummyMedia.for_trainer(self)
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
+        # The unfiltered training loss (transformers' logging_nan_inf_filter hides NaN steps from the logged loss).
+        self.raw_loss: RawLoss | None = RawLoss() if self.auditor is not None else None
+        self._warn_if_not_audited(peft_config)
         self.add_callback(MMTrainerCallback(self))  # re-binds after `accelerator.prepare`; marks checkpoints complete
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -288,6 +301,18 @@ class MMSFTTrainer(SFTTrainer):
             logger.warning("Reachability probe skipped (%s); targets follow the tower structure.", err)
             return None
 
+    def _warn_if_not_audited(self, peft_config: Any) -> None:
+        """Say at start-up when the audit and telemetry are off because the PEFT method has no LoRA A / B."""
+        if self.adapters or peft_config is None or not (self.args.audit or self.args.tower_telemetry):
+            return
+        method = _peft_method(peft_config)
+        message = (
+            f"mm-trainer audits and monitors LoRA adapters only: this {method} run is NOT audited (no audit.json / "
+            "AUDIT.md, no per-tower gradient telemetry, no push guard). Use a LoraConfig for an audited run."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
     def _every_batch_reaches_all_targets(self) -> bool:
         """True when every batch gives every kept adapter a gradient, so DDP need not look for unused parameters."""
         plan, profile = self.target_plan, self.modality_profile
@@ -346,6 +371,8 @@ class MMSFTTrainer(SFTTrainer):
         if self.dummy_media is not None and self.accelerator.sync_gradients:
             # A tower that only dummies ran in this step gets None gradients (AdamW skips it, as under DDP).
             self.dummy_media.end_step(self._sum_across_ranks)
+        if self.raw_loss is not None:  # the audit's unfiltered loss
+            self.raw_loss.add(loss, self.accelerator.sync_gradients)
         if self.modality_balance is not None:
             self.modality_balance.after_backward(self)
         if self.telemetry is not None and self.accelerator.sync_gradients:
@@ -361,6 +388,13 @@ class MMSFTTrainer(SFTTrainer):
                 logs.update(metrics)
         if self.modality_balance is not None and self.model.training and "loss" in logs:
             logs.update(self.modality_balance.log_metrics(self))
+        if self.raw_loss is not None and self.model.training and "loss" in logs:
+            mean = (
+                (lambda t: self.accelerator.reduce(t, reduction="mean"))
+                if self.accelerator.num_processes > 1
+                else None
+            )
+            self.raw_loss.flush(self.state.global_step, mean)
         super().log(logs, start_time)
 
     def _sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
@@ -388,6 +422,8 @@ class MMSFTTrainer(SFTTrainer):
         adapter is written first and is kept whatever happens to the audit.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            unmark_checkpoint(Path(output_dir))  # a checkpoint-N written again is unfinished until on_save
         if self.is_fsdp_enabled and engine_name(self) == "fsdp2" and _is_peft_model(self.model):
             self._save_fsdp2_adapter(output_dir)
         else:
@@ -494,28 +530,35 @@ class MMSFTTrainer(SFTTrainer):
         super()._push_from_checkpoint(checkpoint_folder)
 
     def mm_state(self) -> dict[str, Any]:
-        """What a checkpoint keeps beyond the adapter: kept targets, released towers, telemetry."""
-        return {
-            "kept_targets": self.target_plan.kept() if self.target_plan is not None else None,
-            "released_towers": [r.to_dict() for r in self.released_towers],
-            "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
-            "audit_init": self.auditor.state_dict() if self.auditor is not None else None,
-            "modality_balance": self.modality_balance.state_dict() if self.modality_balance is not None else None,
-            "global_step": self.state.global_step,
-        }
+        """What a checkpoint keeps beyond the adapter: kept targets, released towers, telemetry, the audit's init
+        record and unfiltered loss, the settings a resume compares (JSON-ready: NaN / infinity as strings)."""
+        return jsonable(
+            {
+                "kept_targets": self.target_plan.kept() if self.target_plan is not None else None,
+                "released_towers": [r.to_dict() for r in self.released_towers],
+                "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
+                "audit_init": self.auditor.state_dict() if self.auditor is not None else None,
+                "modality_balance": self.modality_balance.state_dict() if self.modality_balance is not None else None,
+                "raw_loss": self.raw_loss.state_dict() if self.raw_loss is not None else None,
+                SETTINGS_KEY: run_settings(self.model, self.args),
+                "global_step": self.state.global_step,
+            }
+        )
 
     def train(
         self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None
     ):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir ({self.args.output_dir}) to resume from.")
-        if isinstance(checkpoint, (str, os.PathLike)):
-            self._load_state(Path(checkpoint))
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint.
+
+        Unfinished checkpoints (a kill during their save) are skipped with a warning naming them; a named unfinished
+        checkpoint is refused with the name of the last complete one (:mod:`mm_trainer.checkpoints`). Before the
+        Trainer loads anything, the checkpoint's settings are compared with this run's (:mod:`mm_trainer.resume`).
+        """
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None and checkpoint.is_dir():
+            self._load_state(checkpoint)
         output = super().train(
-            resume_from_checkpoint=checkpoint if checkpoint is not None else resume_from_checkpoint,
+            resume_from_checkpoint=str(checkpoint) if checkpoint is not None else resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
         )
@@ -529,13 +572,19 @@ class MMSFTTrainer(SFTTrainer):
         return output
 
     def _load_state(self, checkpoint: Path) -> None:
-        path = checkpoint / STATE_FILE
-        if not path.is_file():
+        """Restore mm-trainer's state from ``checkpoint`` after checking that this run may continue it.
+
+        Raises:
+            ResumeMismatchError: Other kept targets, PEFT method, rank / alpha, IMoD on / off or quantization.
+            CheckpointStateError: ``mm_trainer_state.json`` is unreadable or of the wrong shape.
+        """
+        state = read_state(checkpoint)
+        check_settings(checkpoint, checkpoint_settings(checkpoint, state), run_settings(self.model, self.args))
+        if state is None:
             logger.warning("%s has no %s: telemetry history restarts from this resume.", checkpoint, STATE_FILE)
             if self.auditor is not None:
                 self.auditor.load_state_dict(None)
             return
-        state = json.loads(path.read_text())
         kept = state.get("kept_targets")
         if kept is not None and self.target_plan is not None and sorted(kept) != sorted(self.target_plan.kept()):
             only_ckpt = sorted(set(kept) - set(self.target_plan.kept()))[:5]
@@ -545,12 +594,22 @@ class MMSFTTrainer(SFTTrainer):
                 f"(only in checkpoint: {only_ckpt}; only now: {only_now}). Resume with the same data, model and "
                 "`peft_config`, or set `target_towers` / `data_modalities` explicitly so the targets match."
             )
-        if self.telemetry is not None and state.get("telemetry"):
-            self.telemetry.load_state_dict(state["telemetry"])
-        if self.auditor is not None:
-            self.auditor.load_state_dict(state.get("audit_init"))
+        try:
+            if self.telemetry is not None and state.get("telemetry"):
+                self.telemetry.load_state_dict(state["telemetry"])
+            if self.auditor is not None:
+                self.auditor.load_state_dict(state.get("audit_init"))
+            if self.raw_loss is not None:
+                self.raw_loss.load_state_dict(state.get("raw_loss"))
+        except CheckpointStateError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise corrupt_state(checkpoint, f"{type(err).__name__}: {err}") from err
         if self.modality_balance is not None:
-            self.modality_balance.load_state_dict(state.get("modality_balance"), checkpoint)
+            try:
+                self.modality_balance.load_state_dict(state.get("modality_balance"), checkpoint)
+            except (AttributeError, KeyError, TypeError) as err:
+                raise corrupt_state(checkpoint, f"{type(err).__name__} in `modality_balance`: {err}") from err
 
 
 def _is_peft_model(model: Any) -> bool:
@@ -559,6 +618,13 @@ def _is_peft_model(model: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PeftModel)
+
+
+def _peft_method(peft_config: Any) -> str:
+    """The PEFT method's name (``LoRA``, ``IA3``, ``LoHa``, ...) of a config."""
+    peft_type = getattr(peft_config, "peft_type", None)
+    name = str(getattr(peft_type, "value", peft_type) or type(peft_config).__name__.removesuffix("Config"))
+    return "LoRA" if name.upper() == "LORA" else name
 
 
 def _as_mm_config(args: Any, model: Any) -> MMSFTConfig:

@@ -263,3 +263,53 @@ def test_fired_counts_training_forwards_only():
     assert telemetry.fired == set()
     model(input_ids=ids)
     assert telemetry.fired == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Divergence: early gradient explosion, overflow, raw (unfiltered) loss, partial init record
+# ------------------------------------------------------------------------------------------------------------------
+def _grad_history(values):
+    return [{"step": i + 1, "loss": 6.5, "grad_norm": v} for i, v in enumerate(values)]
+
+
+def test_early_divergence_is_flagged_where_the_spike_rule_is_blind():
+    # The break test's lr=1e6 run: x8e4 at step 3, 6 points; the spike rule needs 5 earlier points.
+    history = _grad_history([0.53, 0.94, 42405.0, 79802.0, 165292.0, 167736.0])
+    dyn = training_dynamics(history)
+    assert not [s for s in dyn["spikes"] if s["metric"] == "grad_norm"]
+    first = dyn["early_divergence"][0]
+    assert (first["step"], first["baseline"]) == (3, 0.53) and first["ratio"] == pytest.approx(42405 / 0.53)
+    verdict, reasons = decide([], {}, dyn, {}, 6)
+    assert verdict == "warn" and [r["code"] for r in reasons] == ["early_divergence"]
+    # LoRA's normal warm-up (B = 0 at init: the norm grows several-fold) is no divergence.
+    assert training_dynamics(_grad_history([0.05, 0.4, 2.0, 3.1, 2.5, 2.2]))["early_divergence"] == []
+
+
+def test_overflowing_but_finite_weights_are_called_diverged_not_nan():
+    big = torch.full((8, 64), 2.29e30)  # float32-finite; its float32 squared norm would be inf
+    fp = fingerprint(big)
+    value = float(big[0, 0])  # 2.29e30 as float32 holds it
+    assert fp.finite and fp.norm == pytest.approx(value * math.sqrt(big.numel()), rel=1e-12)
+    module = ModuleAudit("l.0", "language", "trained", "", 10, True, 3, norm_a=1.0, norm_b=fp.norm, finite=True)
+    verdict, reasons = decide([module], {}, {}, {}, 3)
+    assert verdict == "fail" and [r["code"] for r in reasons] == ["weights_overflow"]
+    assert "finite but so large" in reasons[0]["message"]
+    nan = ModuleAudit("l.1", "language", "trained", "", 10, True, 3, finite=False)
+    assert [r["code"] for r in decide([nan], {}, {}, {}, 3)[1]] == ["non_finite_weights"]
+
+
+def test_raw_loss_replaces_the_filtered_logged_loss():
+    # transformers' logging_nan_inf_filter logged a finite mean for steps 2-3; the raw record says NaN.
+    history = [{"step": s, "loss": v} for s, v in ((1, 6.5), (2, 6.4), (3, 6.4))]
+    raw = [{"step": 1, "loss": 6.5}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": float("inf")}]
+    dyn = training_dynamics(history, raw_loss=raw)
+    assert dyn["loss"]["non_finite_steps"] == [2, 3]
+    assert "before logging_nan_inf_filter" in dyn["aggregation"]["loss"]
+    assert decide([], {}, dyn, {}, 3)[0] == "fail"
+
+
+def test_partial_init_record_is_a_warning():
+    modules = [ModuleAudit(f"l.{i}", "language", "trained", "", 10, True, 3) for i in range(6)]
+    verdict, reasons = decide(modules, {}, {}, {}, 3, record_missing=["l.3", "l.4", "l.5"])
+    assert verdict == "warn" and reasons[0]["code"] == "init_record_partial"
+    assert "covers 3 of 6 adapters" in reasons[0]["message"]

@@ -258,6 +258,7 @@ def test_checkpoints_carry_the_audit_and_resume_keeps_the_init_record(tmp_path):
 
     # A checkpoint without the record: statuses fall back on gradient counts, and the audit says so.
     (tmp_path / "checkpoint-4" / "mm_trainer_state.json").unlink()
+    (tmp_path / "checkpoint-4" / "mm_trainer_complete.json").unlink()  # as an older mm-trainer wrote it: no marker
     third = make(6, seed=7)
     third.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     audit = _audit(tmp_path / "checkpoint-6")

@@ -62,3 +62,54 @@ def test_adapters_are_bound_to_the_prepared_models_parameters(tmp_path):
     live = {id(p) for p in trainer.model.parameters()}
     assert trainer.adapters and all(id(a.lora_A) in live and id(a.lora_B) in live for a in trainer.adapters)
     assert trainer.telemetry.adapters == trainer.adapters
+
+
+def test_every_file_mm_trainer_writes_at_a_save_is_atomic(tmp_path, monkeypatch):
+    import tempfile
+    from types import SimpleNamespace
+
+    import mm_trainer.atomic as atomic
+
+    written: list[str] = []
+
+    def mkstemp(prefix, suffix, dir):  # every atomic write starts with its temporary file ".<name>.<random>.tmp"
+        written.append(prefix[1:-1])
+        return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+
+    monkeypatch.setattr(atomic, "tempfile", SimpleNamespace(mkstemp=mkstemp))
+    trainer = MMSFTTrainer(
+        model=tiny_model("qwen2_5_vl"),
+        args=training_args(tmp_path, max_steps=2, serving_clean_save=True, target_towers=["language", "vision"]),
+        train_dataset=text_dataset(8),
+        processing_class=make_tokenizer("qwen2_5_vl"),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "down_proj"]),  # vision down_proj never fires
+    )
+    trainer.train()
+    trainer.save_model()
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["serving_clean"]["stripped"]  # the serving-clean rewrite ran
+    mm_files = {"mm_trainer_state.json", "audit.json", "AUDIT.md", "audit_loss.png", "audit_grad_norm.png"}
+    rewritten = {"adapter_model.safetensors", "adapter_config.json", "README.md"}  # serving-clean, model card
+    assert mm_files | rewritten <= set(written)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_audit_failure_warning_does_not_point_to_an_unwritten_error_file(tmp_path, monkeypatch):
+    import mm_trainer.audit.auditor as auditor_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("audit broke")
+
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.train()
+    monkeypatch.setattr(auditor_module, "write_audit_files", broken)
+    monkeypatch.setattr(auditor_module, "atomic_write_text", read_only)
+    with pytest.warns(RuntimeWarning) as caught:
+        trainer.save_model()
+    message = " ".join(str(w.message) for w in caught)
+    assert "audit broke" in message and "could not be written either" in message
+    assert str(tmp_path / "audit_error.txt") not in message
+    assert (tmp_path / "adapter_model.safetensors").is_file()  # the adapter is saved all the same

@@ -146,6 +146,7 @@ class TrainingAuditor:
     def _report_failure(self, output_dir: Path, err: Exception) -> None:
         trace = traceback.format_exc()
         logger.error("mm-trainer audit failed at the save to %s; the adapter is saved.", output_dir, exc_info=True)
+        written = False
         try:
             for name in AUDIT_FILES:  # no audit of an earlier save may pass for this one's
                 (output_dir / name).unlink(missing_ok=True)
@@ -154,14 +155,20 @@ class TrainingAuditor:
                 f"mm-trainer could not build or write the audit for this save (optimizer step "
                 f"{self.trainer.state.global_step}). The adapter files in this folder are complete.\n\n{trace}",
             )
+            written = True
             readme = output_dir / "README.md"
             if readme.is_file():
                 add_to_card(readme, None, section=card_error_section(AUDIT_ERROR))
         except Exception:  # e.g. a read-only folder: the warning below still tells the user
             logger.error("mm-trainer audit: could not write %s", output_dir / AUDIT_ERROR, exc_info=True)
+        where = (
+            f"the traceback is in {output_dir / AUDIT_ERROR}"
+            if written
+            else f"{AUDIT_ERROR} could not be written either (see the logged errors above)"
+        )
         warnings.warn(
             f"mm-trainer could not write the audit to {output_dir} ({type(err).__name__}: {err}). The adapter is "
-            f"saved; the traceback is in {output_dir / AUDIT_ERROR}.",
+            f"saved; {where}.",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -119,8 +119,11 @@ def _dynamics_lines(dyn: Mapping[str, Any], plots: list[str]) -> list[str]:
     for tower, b in (grad.get("per_tower") or {}).items():
         if b:
             bands.append([f"grad_norm/{tower} (adapters)", *_band(b)])
+    aggregation = dyn.get("aggregation") or {}
+    if aggregation and rows:
+        lines += ["", f"Loss: {aggregation.get('loss')}."]
     if bands:
-        lines += ["", "Gradient-norm band:", ""]
+        lines += ["", f"Gradient-norm band ({aggregation.get('grad_norm', 'before clipping')}):", ""]
         lines += md_table(["series", "min", "p10", "median", "p90", "max", "points"], bands)
     spikes = dyn.get("spikes") or []
     lines.append("")
@@ -133,6 +136,11 @@ def _dynamics_lines(dyn: Mapping[str, Any], plots: list[str]) -> list[str]:
         ]
     else:
         lines.append("No spikes.")
+    for d in (dyn.get("early_divergence") or [])[:10]:
+        lines.append(
+            f"- early divergence at step {d['step']}: {d['metric']} = {_num(d['value'])} ({_num(d['ratio'])}x its "
+            f"first logged value {_num(d['baseline'])})"
+        )
     for plot in plots:
         title = "Loss" if "loss" in plot else "Gradient norm per tower"
         lines += ["", f"![{title}]({plot})"]

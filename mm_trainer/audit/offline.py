@@ -4,6 +4,9 @@ What the files can tell:
 
 - An adapter whose update ``B @ A`` is exactly zero (``lora_B`` all zero, or ``lora_A`` all zero for embedding
   LoRA) changes nothing: it is **dead**, whatever its init.
+- An adapter with ``lora_A`` but no ``lora_B`` (or the reverse) in its weights is **missing** (dead: PEFT would
+  load the absent factor at its init value, so the saved training is not all there).
+- An adapter holding NaN or infinity is listed in ``non_finite``; the audit then fails (exit 1) whatever the statuses.
 - Under an init whose product starts at zero (``init_lora_weights`` ``True``, ``"gaussian"``, ``"eva"``) an adapter
   whose product is non-zero has moved, i.e. **trained**.
 - Under the other inits (PiSSA, OLoRA, LoftQ, CorDA, orthogonal, LoRA-GA, ``False``) A and B start non-zero, so a
@@ -28,6 +31,8 @@ ZERO_PRODUCT_INITS: tuple[Any, ...] = (True, "gaussian", "eva")
 """``init_lora_weights`` values under which ``B @ A`` is zero at init."""
 
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+MAX_CONFIG_BYTES = 64 * 2**20
+"""Largest ``adapter_config.json`` / ``audit.json`` read (real ones are a few KB / a few hundred KB)."""
 
 
 class AdapterDirError(ValueError):
@@ -35,10 +40,16 @@ class AdapterDirError(ValueError):
 
 
 def _find_dir(path: Path) -> Path:
+    try:
+        path.stat()
+    except OSError as err:
+        if path.is_symlink():
+            raise AdapterDirError(f"{path} is a broken or looping symbolic link ({err.strerror}).") from err
+        raise AdapterDirError(f"{path} does not exist.") from err
     if path.is_file():
         path = path.parent
-    if not path.exists():
-        raise AdapterDirError(f"{path} does not exist.")
+    if not path.is_dir():
+        raise AdapterDirError(f"{path} is not a directory or a file in one.")
     if not (path / ADAPTER_CONFIG).is_file():
         checkpoints = sorted(
             path.glob("checkpoint-*"),
@@ -52,11 +63,27 @@ def _find_dir(path: Path) -> Path:
     return path
 
 
-def _load_config(path: Path) -> dict[str, Any]:
+def read_json_file(file: Path, what: str = "JSON") -> Any:
+    """The JSON in ``file``, refusing files over :data:`MAX_CONFIG_BYTES` and nesting Python cannot parse.
+
+    Raises:
+        AdapterDirError: Unreadable, too large, not UTF-8, not JSON or nested too deeply; the message names the file.
+    """
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise AdapterDirError(f"{path / ADAPTER_CONFIG} is not readable JSON: {err}") from err
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise AdapterDirError(f"{file} is {size:,} bytes, too large for {what} (limit {MAX_CONFIG_BYTES:,}).")
+        return json.loads(file.read_text(encoding="utf-8"))
+    except AdapterDirError:
+        raise
+    except RecursionError as err:
+        raise AdapterDirError(f"{file} is not readable {what}: nested too deeply") from err
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise AdapterDirError(f"{file} is not readable {what}: {err}") from err
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    config = read_json_file(path / ADAPTER_CONFIG)
     if not isinstance(config, dict):
         raise AdapterDirError(f"{path / ADAPTER_CONFIG} does not hold a JSON object.")
     peft_type = str(config.get("peft_type", "")).upper()
@@ -77,7 +104,7 @@ def _load_tensors(path: Path) -> dict[str, Any]:
 
         try:
             return load_file(str(path / ADAPTER_WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
             raise AdapterDirError(f"{path / ADAPTER_WEIGHTS} cannot be read: {err}") from err
     if (path / ADAPTER_WEIGHTS_BIN).is_file():
         try:
@@ -87,17 +114,28 @@ def _load_tensors(path: Path) -> dict[str, Any]:
     raise AdapterDirError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN}).")
 
 
-def _training_audit(path: Path) -> dict[str, Any] | None:
+def _training_audit(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """mm-trainer's ``audit.json`` beside the adapter, and why it was not used (``None``: used, or absent)."""
     from .auditor import AUDIT_JSON
 
     file = path / AUDIT_JSON
-    if not file.is_file():
-        return None
+    if not file.exists() and not file.is_symlink():
+        return None, None
     try:
-        audit = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return audit if isinstance(audit, dict) and audit.get("kind") == "training" and "modules" in audit else None
+        audit = read_json_file(file, "JSON")
+    except AdapterDirError as err:
+        return None, f"{err}; statuses come from the weights alone"
+    if not isinstance(audit, dict) or audit.get("kind") != "training":
+        return None, f"{file} is not an mm-trainer training audit; statuses come from the weights alone"
+    modules = audit.get("modules")
+    if not isinstance(modules, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("status"), str) for m in modules
+    ):
+        return None, f"{file} has no valid `modules` list; statuses come from the weights alone"
+    reasons = audit.get("reasons")
+    reasons = reasons if isinstance(reasons, list) else []
+    kept = [r for r in reasons if isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("level", "message"))]
+    return {**audit, "reasons": kept}, None
 
 
 def _zero_product_init(init: Any) -> bool:
@@ -125,6 +163,10 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
     folder = _find_dir(Path(path))
     config = _load_config(folder)
     tensors = _load_tensors(folder)
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise AdapterDirError(f"{folder}: the adapter weights are not a map of tensor names to tensors.")
     init = config.get("init_lora_weights", True)
     zero_start = _zero_product_init(init)
 
@@ -149,16 +191,26 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
     if not by_module:
         raise AdapterDirError(f"{folder} holds no LoRA tensors (no lora_A / lora_B keys in its weights).")
 
-    training = _training_audit(folder)
+    training, training_note = _training_audit(folder)
     trained_status = {m["name"]: m for m in training["modules"]} if training else {}
     modules = []
+    non_finite = []
     for name, entry in by_module.items():
         a, b = entry["a"], entry["b"]
+        finite = all(bool(torch.isfinite(t).all()) for t in (a, b) if t is not None and t.is_floating_point())
+        if not finite:
+            non_finite.append(name)
         a_zero = a is not None and not bool(torch.count_nonzero(a))
         b_zero = b is not None and not bool(torch.count_nonzero(b))
         no_op = a_zero or b_zero
         recorded = trained_status.get(name)
-        if no_op:
+        if a is None or b is None:
+            status = "missing"
+            reason = (
+                f"the weights hold lora_{'A' if a is not None else 'B'} but no lora_{'B' if a is not None else 'A'}: "
+                "the adapter is incomplete (PEFT would load the absent factor at its init value)"
+            )
+        elif no_op:
             status, reason = "dead", "B @ A is exactly zero: the adapter changes nothing"
             if recorded is not None and recorded["status"] in DEAD_STATUSES:
                 status, reason = recorded["status"], recorded["reason"]
@@ -172,16 +224,19 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
                 f"init_lora_weights={init!r} starts with B @ A != 0, so the weights alone cannot tell whether it "
                 "trained (mm-trainer's audit.json would)"
             )
+        if not finite:
+            reason += "; holds NaN or infinity"
         modules.append(
             {
                 "name": name,
                 "tower": tower_from_name(name),
                 "params": entry["params"],
                 "status": status,
-                "dead": status == "dead" or status in DEAD_STATUSES,
-                "reason": reason,
-                "norm_a": float(torch.linalg.vector_norm(a.float())) if a is not None else None,
-                "norm_b": float(torch.linalg.vector_norm(b.float())) if b is not None else None,
+                "dead": status in ("dead", "missing") or status in DEAD_STATUSES,
+                "finite": finite,
+                "reason": str(reason),
+                "norm_a": _norm(a),
+                "norm_b": _norm(b),
             }
         )
 
@@ -233,7 +288,22 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
             "saved_base": saved_base,
         },
         "dead": [m["name"] for m in modules if m["dead"]],
+        "missing": [m["name"] for m in modules if m["status"] == "missing"],
+        "non_finite": non_finite,
         "unverified": [m["name"] for m in modules if m["status"] == "unverified"],
         "dead_groups": dead_groups,
-        "clean": not any(m["dead"] for m in modules),
+        "training_audit_note": training_note,
+        "clean": not any(m["dead"] for m in modules) and not non_finite,
     }
+
+
+def _norm(tensor: Any) -> float | str | None:
+    """Frobenius norm in float64 (no overflow for finite float32 weights); ``"nan"`` / ``"inf"`` as strings."""
+    if tensor is None:
+        return None
+    import math
+
+    import torch
+
+    value = float(torch.linalg.vector_norm(tensor.double()))
+    return value if math.isfinite(value) else str(value)

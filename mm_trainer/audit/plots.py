@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_bytes
+from .dynamics import GRAD_NORM_AGGREGATION
 
 LOSS_PLOT = "audit_loss.png"
 GRAD_NORM_PLOT = "audit_grad_norm.png"
@@ -20,6 +24,13 @@ def _figure() -> Any:
     return fig
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Render ``fig`` as PNG and write it atomically (a kill mid-save leaves the previous file or none)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _finite(points: list[Any]) -> tuple[list[float], list[float]]:
     steps, values = [], []
     for step, value in points:
@@ -33,7 +44,8 @@ def write_plots(dynamics: Mapping[str, Any], output_dir: Path) -> list[str]:
     """Draw the plots the logged data allows into ``output_dir``; returns their file names.
 
     ``audit_loss.png``: training (and evaluation) loss over optimizer steps. ``audit_grad_norm.png``: the Trainer's
-    total gradient norm and each tower's adapter gradient norm (log scale), before clipping.
+    total gradient norm and each tower's adapter gradient norm (log scale), each the value at the logged optimizer
+    step, before clipping (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`).
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -54,7 +66,7 @@ def write_plots(dynamics: Mapping[str, Any], output_dir: Path) -> list[str]:
         ax.set_title("Loss")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.savefig(output_dir / LOSS_PLOT)
+        save_figure(fig, output_dir / LOSS_PLOT)
         written.append(LOSS_PLOT)
 
     grads = {k: _finite(v) for k, v in data.items() if k.startswith("grad_norm") and v}
@@ -63,7 +75,7 @@ def write_plots(dynamics: Mapping[str, Any], output_dir: Path) -> list[str]:
         fig = _figure()
         ax = fig.add_subplot()
         for key, (steps, values) in grads.items():
-            label = "all trainable" if key == "grad_norm" else key.split("/", 1)[1]
+            label = "all trainable (Trainer's grad_norm)" if key == "grad_norm" else key.split("/", 1)[1]
             ax.plot(steps, values, label=label, linestyle="--" if key == "grad_norm" else "-")
         positive = [v for _, values in grads.values() for v in values if v > 0]
         if positive:
@@ -71,10 +83,10 @@ def write_plots(dynamics: Mapping[str, Any], output_dir: Path) -> list[str]:
             ax.set_yscale("symlog", linthresh=min(positive) / 10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("gradient norm (before clipping)")
-        ax.set_title("Gradient norm per tower")
+        ax.set_ylabel("gradient norm")
+        ax.set_title(f"Gradient norm per tower ({GRAD_NORM_AGGREGATION})", fontsize="medium")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.savefig(output_dir / GRAD_NORM_PLOT)
+        save_figure(fig, output_dir / GRAD_NORM_PLOT)
         written.append(GRAD_NORM_PLOT)
     return written

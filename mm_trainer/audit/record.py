@@ -64,9 +64,10 @@ def fingerprint(tensor: torch.Tensor) -> Fingerprint:
         raw = data.contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
         h.update(memoryview(raw))
     if data.is_floating_point() or data.is_complex():
-        norm = float(torch.linalg.vector_norm(data, dtype=torch.float32)) if data.numel() else 0.0
+        # float64: the norm of finite float32 weights near 1e30 overflows in float32 and would read as "not finite".
+        norm = float(torch.linalg.vector_norm(data, dtype=torch.float64)) if data.numel() else 0.0
     else:
-        norm = float(torch.linalg.vector_norm(data.float())) if data.numel() else 0.0
+        norm = float(torch.linalg.vector_norm(data.double())) if data.numel() else 0.0
     return Fingerprint(h.hexdigest()[:32], norm, int(torch.count_nonzero(data)), int(data.numel()))
 
 

@@ -148,9 +148,15 @@ def build_audit(trainer: Any, record: InitRecord) -> dict[str, Any]:
         record.compare_other(others),
         trainer.released_towers,
     )
-    dynamics = training_dynamics(trainer.state.log_history, telemetry.history if telemetry is not None else [])
+    raw_loss = getattr(trainer, "raw_loss", None)
+    dynamics = training_dynamics(
+        trainer.state.log_history,
+        telemetry.history if telemetry is not None else [],
+        raw_loss.history if raw_loss is not None else None,
+    )
     sections = run_sections(trainer.audit_sections)
-    verdict, reasons = decide(modules, params, dynamics, sections, trainer.state.global_step, record.lost)
+    missing = [a.name for a in trainer.adapters if a.name not in record.adapters]
+    verdict, reasons = decide(modules, params, dynamics, sections, trainer.state.global_step, record.lost, missing)
     plan = trainer.target_plan
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     audit = {

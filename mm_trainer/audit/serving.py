@@ -4,10 +4,11 @@ modules in ``adapter_config.json``, so that serving engines which reject LoRA on
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_bytes, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,7 +47,7 @@ def strip_untrained(adapter_dir: Path, modules: list[Mapping[str, Any]]) -> dict
         with the reason.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights, config_path = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG
     if not weights.is_file() or not config_path.is_file():
@@ -65,9 +66,8 @@ def strip_untrained(adapter_dir: Path, modules: list[Mapping[str, Any]]) -> dict
         tensors = {k: f.get_tensor(k) for k in f.keys() if module_of_key(k) not in strip}  # noqa: SIM118 (safe_open is not iterable)
     config = json.loads(config_path.read_text())
     config["target_modules"] = sorted(keep)
-    tmp_weights, tmp_config = weights.with_suffix(".tmp"), config_path.with_suffix(".tmp")
-    save_file(tensors, str(tmp_weights), metadata=metadata)
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_weights, weights)
-    os.replace(tmp_config, config_path)
+    # Each file atomically (temp + fsync + rename); the weights first: a kill between the two leaves the stripped
+    # weights with the full target list, which PEFT loads with zero-product adapters for the stripped modules.
+    atomic_write_bytes(weights, save(tensors, metadata=metadata))
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return {"stripped": sorted(strip), "kept_untrained": kept_untrained, "target_modules": sorted(keep)}

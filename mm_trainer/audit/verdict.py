@@ -5,6 +5,8 @@
 - ``nothing_trained``: no adapter has status ``trained``.
 - ``non_finite_loss``: a logged training loss is NaN or infinite.
 - ``non_finite_weights``: an adapter's A or B holds NaN or infinity.
+- ``weights_overflow``: an adapter's A or B is finite but so large (norm >= :data:`OVERFLOW_NORM`) that float32
+  arithmetic on it overflows: the run diverged.
 - ``dead_majority``: dead adapters (``never_fired``, ``zero_grad``, ``decay_only``) hold at least
   :data:`FAIL_DEAD_SHARE` of the LoRA parameters.
 
@@ -15,7 +17,10 @@
 - ``loss_not_decreasing``: the mean loss of the last quarter of the logged steps is not below that of the first
   quarter (only with enough points, see :mod:`~mm_trainer.audit.dynamics`).
 - ``loss_spikes`` / ``grad_norm_spikes``: spikes as defined in :mod:`~mm_trainer.audit.dynamics`.
+- ``early_divergence``: the gradient norm grew at least 1000x within the first logged steps (see
+  :mod:`~mm_trainer.audit.dynamics`).
 - ``init_record_lost``: the run resumed from a checkpoint without the init record, so movement was not checked.
+- ``init_record_partial``: the init record restored on resume lacks some adapters, whose movement was not checked.
 - ``section_error``: a feature's audit section raised.
 - ``section:<name>``: a feature section reports ``"verdict": "warn"`` or ``"fail"`` with its ``"reasons"``; its
   level is taken over as is.
@@ -25,8 +30,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from .status import ModuleAudit
 
@@ -35,9 +43,16 @@ FAIL_DEAD_SHARE = 0.5
 
 VERDICTS: tuple[str, ...] = ("pass", "warn", "fail")
 
+OVERFLOW_NORM = math.sqrt(torch.finfo(torch.float32).max)
+"""Norm from which squaring an element can overflow float32 (about 1.8e19): weights that large have diverged."""
+
 
 def _reason(level: str, code: str, message: str) -> dict[str, str]:
     return {"level": level, "code": code, "message": message}
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _towers(modules: list[ModuleAudit]) -> str:
@@ -54,6 +69,7 @@ def decide(
     sections: Mapping[str, Any],
     global_step: int,
     record_lost: bool = False,
+    record_missing: list[str] | None = None,
 ) -> tuple[str, list[dict[str, str]]]:
     """Apply the rules of this module.
 
@@ -64,6 +80,7 @@ def decide(
         sections: The feature sections (name -> dict).
         global_step: Optimizer steps taken.
         record_lost: Whether the init record was lost on resume.
+        record_missing: Adapters the (restored) init record does not cover.
 
     Returns:
         The verdict and the reasons (``level``, ``code``, ``message``), fails first.
@@ -86,6 +103,17 @@ def decide(
     if bad:
         reasons.append(
             _reason("fail", "non_finite_weights", f"{len(bad)} adapter(s) hold NaN or infinity, e.g. {bad[0]}")
+        )
+    huge = [m for m in modules if m.finite and max(_num(m.norm_a), _num(m.norm_b)) >= OVERFLOW_NORM]
+    if huge:
+        worst = max(max(_num(m.norm_a), _num(m.norm_b)) for m in huge)
+        reasons.append(
+            _reason(
+                "fail",
+                "weights_overflow",
+                f"{len(huge)} adapter(s) diverged, e.g. {huge[0].name}: their weights are finite but so large (norm "
+                f"up to {worst:.3g}) that float32 arithmetic on them overflows",
+            )
         )
     dead = [m for m in modules if m.dead]
     dead_share = params.get("dead_share", 0.0)
@@ -142,6 +170,27 @@ def decide(
                     f"{worst['value']:.4g} = {worst['ratio']:.1f}x the recent median",
                 )
             )
+    diverged = dynamics.get("early_divergence") or []
+    if diverged:
+        first = diverged[0]
+        reasons.append(
+            _reason(
+                "warn",
+                "early_divergence",
+                f"{first['metric']} diverged early: {first['value']:.4g} at step {first['step']} = "
+                f"{first['ratio']:.3g}x its first logged value ({first['baseline']:.4g})",
+            )
+        )
+    unknown = record_missing or []
+    if unknown and not record_lost:
+        reasons.append(
+            _reason(
+                "warn",
+                "init_record_partial",
+                f"the audit's init record covers {len(modules) - len(unknown)} of {len(modules)} adapters: movement "
+                f"since init of {len(unknown)} (e.g. {unknown[0]}) was not checked",
+            )
+        )
     if record_lost:
         reasons.append(
             _reason(

@@ -1,6 +1,7 @@
 """``mm-trainer audit PATH``: which adapters of a saved PEFT LoRA adapter are dead, per tower (no base model needed).
 
-Exit codes: 0 clean, 1 dead adapters found, 2 unusable input (the message says why).
+Exit codes: 0 clean, 1 dead (or incomplete) adapters or NaN / infinite weights found, 2 unusable input (the message
+says why, in one line).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import json
 import sys
 from typing import Any
 
-EXIT_CLEAN, EXIT_DEAD, EXIT_UNUSABLE = 0, 1, 2
+from .errors import EXIT_UNUSABLE, describe, unusable
+
+EXIT_CLEAN, EXIT_DEAD = 0, 1
+__all__ = ["EXIT_CLEAN", "EXIT_DEAD", "EXIT_UNUSABLE", "add_parser", "run"]
 
 
 def add_parser(sub: Any) -> None:
@@ -21,7 +25,8 @@ def add_parser(sub: Any) -> None:
         description="Read adapter_config.json and the adapter weights (no base model) and report, per tower, the "
         "adapters that changed nothing (B @ A exactly zero) and the effective trainable parameters. When the folder "
         "holds the audit.json mm-trainer wrote during training, its per-module statuses are used (exact also for "
-        "PiSSA / OLoRA / LoftQ inits). Exit code: 0 clean, 1 dead adapters found, 2 unusable input.",
+        "PiSSA / OLoRA / LoftQ inits). Exit code: 0 clean, 1 dead or incomplete adapters or NaN / infinite weights "
+        "found, 2 unusable input.",
     )
     p.add_argument("path", metavar="PATH", help="An adapter folder (or a file in it), e.g. a trainer output_dir.")
     p.add_argument("--json", action="store_true", help="Print the audit as JSON.")
@@ -72,6 +77,16 @@ def _print_text(report: dict[str, Any]) -> None:
             out.print(escape(f"    {name}"))
     else:
         out.print("[green]no dead adapters[/green]")
+    if report["missing"]:
+        out.print(escape(f"incomplete adapters (lora_A or lora_B missing, counted dead): {len(report['missing'])}"))
+        for name in report["missing"][:20]:
+            out.print(escape(f"    {name}"))
+    if report["non_finite"]:
+        out.print(f"[red]adapters holding NaN or infinity: {len(report['non_finite'])}[/red]")
+        for name in report["non_finite"][:20]:
+            out.print(escape(f"    {name}"))
+    if report["training_audit_note"]:
+        out.print(escape(f"note: {report['training_audit_note']}"))
     if report["unverified"]:
         out.print(
             escape(
@@ -89,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = audit_adapter_dir(args.path)
     except AdapterDirError as err:
-        print(f"mm-trainer audit: {err}", file=sys.stderr)
-        return EXIT_UNUSABLE
+        return unusable("audit", str(err))
+    except Exception as err:  # noqa: BLE001 - any other failure on this input is "unusable input", never exit 1
+        return unusable("audit", f"{args.path}: cannot be audited ({describe(err)})")
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from .errors import describe, unusable
+
 COLUMNS = (
     ("run", "run"),
     ("steps", "steps"),
@@ -51,15 +53,17 @@ def _fmt(value: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mm-trainer compare``."""
+    from ..audit.report import jsonable
     from ..compare import RunDirError, compare
 
     try:
         result = compare(args.runs, args.out)
     except RunDirError as err:
-        print(f"mm-trainer compare: {err}", file=sys.stderr)
-        return 2
+        return unusable("compare", str(err))
+    except Exception as err:  # noqa: BLE001 - any failure on these inputs is "unusable input"
+        return unusable("compare", f"{' '.join(args.runs)}: cannot be compared ({describe(err)})")
     if args.json:
-        json.dump(result, sys.stdout, indent=1)
+        json.dump(jsonable(result), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     from rich.table import Table

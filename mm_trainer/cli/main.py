@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from . import audit as audit_cmd
 from . import compare as compare_cmd
 from . import plan as plan_cmd
+from .errors import describe, unusable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mm-trainer`` and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as err:  # noqa: BLE001 - the last guard: a crash is "unusable input" (2), never "dead" (1)
+        return unusable(args.command, f"failed on this input ({describe(err)})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import describe, unusable
+
 _REGEX_CHARS = re.compile(r"[\\^$.*+?()\[\]{}|]")
+MAX_CONFIG_BYTES = 64 * 2**20
 
 
 def add_parser(sub: Any) -> None:
@@ -52,9 +55,16 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
     """The model config from a directory, a ``config.json`` path, or a Hub id (cached or online)."""
     from transformers import AutoConfig
 
+    from ..inputs import check_model_path
+
+    check_model_path(model)
     path = Path(model)
     if path.is_file():
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path} is {path.stat().st_size:,} bytes, too large for a config.json.")
         path = path.parent
+    elif (path / "config.json").is_file() and (path / "config.json").stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path / 'config.json'} is too large for a config.json.")
     return AutoConfig.from_pretrained(str(path) if path.exists() else model, trust_remote_code=trust_remote_code)
 
 
@@ -77,13 +87,13 @@ def build_plan(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Run ``mm-trainer plan``."""
     if args.rank < 1:
-        print(f"mm-trainer plan: --rank must be >= 1, got {args.rank}", file=sys.stderr)
-        return 2
+        return unusable("plan", f"--rank must be >= 1, got {args.rank}")
     try:
         plan, class_name = build_plan(args)
     except (OSError, ValueError) as err:
-        print(f"mm-trainer plan: {err}", file=sys.stderr)
-        return 2
+        return unusable("plan", str(err))
+    except Exception as err:  # noqa: BLE001 - e.g. num_attention_heads=0: the config cannot build a model
+        return unusable("plan", f"{args.model}: its config cannot build a model ({describe(err)})")
     if args.json:
         out = {"model": args.model, "model_class": class_name, **plan.to_dict()}
         json.dump(out, sys.stdout, indent=1)

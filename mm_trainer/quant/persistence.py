@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..towers import map_towers
 from .checks import quantization_method
 from .layers import (
@@ -65,16 +66,15 @@ def save_base(self: QuantizedBase, output_dir: str | os.PathLike[str]) -> None:
     """Write ``quantization.json`` (and LoftQ's offsets when ``loftq_iter > 1``) into ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / QUANT_FILE, "w") as f:
-        json.dump(base_record(self), f, indent=1)
+    atomic_write_json(output_dir / QUANT_FILE, base_record(self))
     if _has_offsets(self):
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {}
         for name, r in self.loftq.items():
             tensors[f"{name}.offset_A"] = r.offset_A.detach().contiguous().cpu()
             tensors[f"{name}.offset_B"] = r.offset_B.detach().contiguous().cpu()
-        save_file(tensors, str(output_dir / LOFTQ_OFFSETS_FILE))
+        atomic_write_bytes(output_dir / LOFTQ_OFFSETS_FILE, save(tensors))
 
 
 def load_quantized_base(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .modality import MODALITIES
@@ -238,16 +240,19 @@ class MMSFTConfig(SFTConfig):
     )
 
     @classmethod
-    def extend(cls, args: SFTConfig) -> MMSFTConfig:
-        """An ``MMSFTConfig`` holding every value of an already-built ``SFTConfig``, new fields at their defaults."""
-        new = copy.copy(args)
-        new.__class__ = cls
-        for f in fields(cls):
-            if f.name not in args.__dict__ and f.init:
-                value = f.default_factory() if f.default is MISSING else f.default
-                setattr(new, f.name, value)
-        new._validate_mm()
-        return new
+    def extend(cls, args: TrainingArguments, **changes: Any) -> MMSFTConfig:
+        """A new ``MMSFTConfig`` with every field value of ``args`` (a ``TrainingArguments``, ``SFTConfig`` or
+        ``MMSFTConfig``), the fields ``args`` lacks at their defaults, and ``changes`` applied.
+
+        Built through the dataclass fields (values are deep-copied, so ``args`` is never touched, and the hub token,
+        which ``to_dict()`` hides, is kept); ``__post_init__`` validates the result as for a config built by hand.
+        """
+        own = {f.name for f in fields(cls) if f.init}
+        values = {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(args) if f.init and f.name in own}
+        unknown = sorted(set(changes) - own)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field(s) {unknown}.")
+        return cls(**{**values, **changes})
 
     def __post_init__(self) -> None:
         self._validate_mm()

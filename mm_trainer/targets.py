@@ -165,82 +165,65 @@ def validate_target_towers(target_towers: str | Sequence[str]) -> str | list[str
     return towers
 
 
-@dataclass
-class TargetSpec:
-    """The target-selection fields of a PEFT config, for planning without importing PEFT (``mm-trainer plan``).
+def expand_all_linear(model: nn.Module, peft_config: Any) -> Any:
+    """A shallow copy of ``peft_config`` whose ``"all-linear"`` is expanded to module paths, with PEFT's rules.
 
-    Matching follows PEFT's rules exactly (see :func:`target_matches`); a ``LoraConfig`` can be used wherever a
-    ``TargetSpec`` is.
+    PEFT documents ``target_modules="all-linear"`` as every ``nn.Linear`` / ``Conv1D`` module except the output
+    layer of a ``PreTrainedModel`` (and, for ``task_type="SEQ_CLS"`` models without one, the classifier head). Other
+    configs are returned as they are. ``tests/test_targets.py`` checks the expansion against the modules PEFT adapts.
     """
+    targets = getattr(peft_config, "target_modules", None)
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return peft_config
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+    from transformers import PreTrainedModel
+    from transformers.pytorch_utils import Conv1D
 
-    target_modules: Any = None
-    r: int = 8
-    exclude_modules: Any = None
-    layers_to_transform: Any = None
-    layers_pattern: Any = None
-    modules_to_save: Any = None
-    target_parameters: Any = None
+    linears = {name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+    heads: list[nn.Module] = []
+    if isinstance(model, PreTrainedModel):
+        output = model.get_output_embeddings()
+        if output is not None:
+            heads.append(output)
+        elif getattr(peft_config, "task_type", None) == "SEQ_CLS":
+            heads.extend([h for h in (getattr(model, n, None) for n in SEQ_CLS_HEAD_NAMES) if h is not None][:1])
+    head_names = {name for name, module in model.named_modules() if any(module is h for h in heads)}
+    expanded = copy.copy(peft_config)
+    expanded.target_modules = linears - head_names
+    return expanded
 
 
-def _suffix_match(patterns: Any, key: str) -> bool:
-    return key in patterns or any(key.endswith(f".{p}") for p in patterns)
+def _with_default_targets(model: nn.Module, peft_config: Any) -> Any:
+    """``peft_config`` with PEFT's default ``target_modules`` for the model type filled in when none are set."""
+    if getattr(peft_config, "target_modules", None) is not None or getattr(peft_config, "target_parameters", None):
+        return peft_config
+    default = _default_targets(model)
+    if default is None:
+        raise ValueError(
+            f"`target_modules` is not set and PEFT has no default targets for model type "
+            f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}. Set `target_modules`, e.g. "
+            '`"all-linear"` or `["q_proj", "v_proj"]`.'
+        )
+    filled = copy.copy(peft_config)
+    filled.target_modules = set(default)
+    return filled
 
 
-def target_matches(spec: Any, key: str) -> bool:
-    """Whether a module path is selected by a PEFT config's target fields, with PEFT's own rules.
+def matched_modules(model: nn.Module, peft_config: Any) -> list[str]:
+    """Paths of the modules PEFT would adapt for ``peft_config`` on ``model``, in model order.
 
-    A string ``target_modules`` is a regex that must match the whole path; a list matches a path exactly or as a
-    ``.suffix``. ``exclude_modules`` (same two forms) and ``modules_to_save`` exclude; ``layers_to_transform`` with
-    ``layers_pattern`` keeps only the given layer indices (the first numbered path segment after the pattern).
+    The matching is PEFT's own (``peft.tuners.tuners_utils.check_target_module_exists``: full-path regex, exact path
+    or ``.suffix``, ``layers_to_transform`` / ``layers_pattern``, ``exclude_modules``, ``modules_to_save``), after
+    ``"all-linear"`` is expanded as PEFT does (:func:`expand_all_linear`). When ``target_modules`` is unset, PEFT's
+    default targets for the model type are used, falling back to those of its text model (PEFT itself knows few
+    multimodal model types).
     """
-    exclude = getattr(spec, "exclude_modules", None)
-    if exclude:
-        if isinstance(exclude, str) and re.fullmatch(exclude, key):
-            return False
-        if not isinstance(exclude, str) and _suffix_match(exclude, key):
-            return False
-    for m in getattr(spec, "modules_to_save", None) or ():
-        if re.match(rf"(^|.*\.){m}($|\..*)", key):
-            return False
-    targets = spec.target_modules
-    if targets is None:
-        return False
-    found = re.fullmatch(targets, key) is not None if isinstance(targets, str) else _suffix_match(targets, key)
-    layers = getattr(spec, "layers_to_transform", None)
-    if not found or layers is None or (isinstance(layers, list) and not layers):
-        return found
-    patterns = getattr(spec, "layers_pattern", None)
-    match = None
-    if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == layers if isinstance(layers, int) else index in layers
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-
-def matched_modules(model: nn.Module, peft_config: Any, tower_map: TowerMap | None = None) -> list[str]:
-    """Paths of the modules ``peft_config.target_modules`` selects, with PEFT's matching rules.
-
-    ``"all-linear"`` selects every linear layer but the output head (as PEFT does); a list matches by exact path or
-    ``.suffix``; a string is a regex that must match the full path. ``exclude_modules``, ``modules_to_save`` and
-    ``layers_to_transform`` apply as in PEFT.
-    """
-    tower_map = tower_map or map_towers(model)
-    targets = peft_config.target_modules
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        spec = copy.copy(peft_config)
-        spec.target_modules = {n for n in tower_map.linears if n != tower_map.output_name}
-        candidates = list(tower_map.linears)
-    else:
-        spec = peft_config
-        candidates = [n for n, _ in model.named_modules() if n]
-    return [n for n in candidates if target_matches(spec, n)]
+    config = expand_all_linear(model, _with_default_targets(model, peft_config))
+    if getattr(config, "target_modules", None) is None:
+        return []  # target_parameters only
+    return [name for name, _ in model.named_modules() if name and bool(check_target_module_exists(config, name))]
 
 
 def _default_targets(model: nn.Module) -> list[str] | None:
@@ -317,23 +300,10 @@ def resolve_targets(
         # Prompt learning and friends: nothing to resolve.
         return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
 
-    user_targets = peft_config.target_modules
-    config_for_match = peft_config
-    if user_targets is None and getattr(peft_config, "target_parameters", None) is None:
-        default = _default_targets(model)
-        if default is None:
-            raise ValueError(
-                f"`target_modules` is not set and PEFT has no default targets for model type "
-                f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}. Set `target_modules`, e.g. "
-                '`"all-linear"` or `["q_proj", "v_proj"]`.'
-            )
-        config_for_match = copy.copy(peft_config)
-        config_for_match.target_modules = set(default)
-        user_targets = set(default)
-    if user_targets is None:  # target_parameters only
+    if peft_config.target_modules is None and getattr(peft_config, "target_parameters", None):
         return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
-
-    matched = matched_modules(model, config_for_match, tower_map)
+    user_targets = _with_default_targets(model, peft_config).target_modules
+    matched = matched_modules(model, peft_config)
     modules = dict(model.named_modules())
     output_leaf = tower_map.output_name.rsplit(".", 1)[-1] if tower_map.output_name else None
     output_asked = _user_named(user_targets, output_leaf)
@@ -413,6 +383,11 @@ def resolve_targets(
         raise ValueError(_nothing_left_message(user_targets, matched, decisions, tower_map, selected))
     resolved = copy.deepcopy(peft_config)
     resolved.target_modules = set(kept)
+    # The kept paths already went through the layer filter; PEFT must not apply it again (it does to `.suffix`
+    # matches, and it turns 20 or more paths into suffixes).
+    for name in ("layers_to_transform", "layers_pattern"):
+        if getattr(resolved, name, None) is not None:
+            setattr(resolved, name, None)
     return TargetPlan(
         peft_config=resolved,
         decisions=decisions,

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments
+from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.utils import create_model_from_path, get_config_model_id
+from trl.trainer.utils import create_model_from_path
 
 from .adapters import LoraAdapter, lora_adapters
 from .atomic import atomic_write_json
@@ -99,7 +99,7 @@ class MMSFTTrainer(SFTTrainer):
         if peft_config is not None and not _is_peft_model(model):
             self.target_plan = self._plan_targets(model, peft_config, train_dataset, processing_class, args)
             peft_config = self.target_plan.peft_config
-            if args.ddp_find_unused_parameters is None:
+            if args.ddp_find_unused_parameters is None:  # set on the trainer's copy of the user's config
                 # Every kept adapter gets a gradient on every batch only when no kept tower can be skipped by a batch.
                 args.ddp_find_unused_parameters = not self._every_batch_reaches_all_targets()
             if self._should_release(args, eval_dataset):
@@ -158,9 +158,15 @@ class MMSFTTrainer(SFTTrainer):
     def _load_model_and_processor(
         model: Any, args: MMSFTConfig, quantization_config: Any, processing_class: Any
     ) -> tuple[Any, Any]:
-        """Load a model given by path / id (as SFTTrainer would) so it can be mapped before PEFT wraps it."""
-        from transformers import set_seed
+        """Load a model given by path / id, and its processor, before ``SFTTrainer.__init__``.
 
+        ``SFTTrainer.__init__`` loads a path and wraps it with PEFT in one go (TRL 1.16 has no hook between the two),
+        but the tower map, the reachability probe and the 4-bit preparation need the loaded model before PEFT wraps
+        it. So the load happens here, with TRL's own ``create_model_from_path`` (its dtype, device-map and
+        architecture defaults) and the arguments ``SFTTrainer`` would pass; mm-trainer adds only the 4-bit load
+        arguments (:func:`~mm_trainer.quant.quantized_load_kwargs`). ``tests/test_trainer.py`` pins that the result
+        equals the model ``SFTTrainer`` loads itself. ``args`` is the trainer's own copy (see :func:`_as_mm_config`).
+        """
         set_seed(args.seed)  # as SFTTrainer: adapter init and any missing weights depend on the seed
         revision = None
         if isinstance(model, str):
@@ -173,17 +179,17 @@ class MMSFTTrainer(SFTTrainer):
                     )
                 kwargs["quantization_config"] = quantization_config
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-                kwargs["device_map"] = None
+                kwargs["device_map"] = None  # as SFTTrainer: "auto" fails under distributed training
             kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             revision = kwargs.get("revision")
             if args.quantization is not None:
                 kwargs = quantized_load_kwargs(model, kwargs, args)  # nf4 with full-precision towers (QLoRA)
             model = create_model_from_path(model, **kwargs)
-            args.model_init_kwargs = None  # consumed: SFTTrainer would otherwise warn that they are ignored
+            args.model_init_kwargs = None  # consumed (on the trainer's copy): SFTTrainer would warn they are ignored
         check_loaded_model(model, args.quantization)  # refuses other quantization methods
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(
-                get_config_model_id(model.config), revision=revision, trust_remote_code=args.trust_remote_code
+                model.config.name_or_path, revision=revision, trust_remote_code=args.trust_remote_code
             )
         return model, processing_class
 
@@ -238,7 +244,7 @@ class MMSFTTrainer(SFTTrainer):
         self, model: Any, peft_config: Any, dataset: Any, processing_class: Any, args: MMSFTConfig
     ) -> ProbeResult | None:
         try:
-            candidates = matched_modules(model, peft_config, self.tower_map)
+            candidates = matched_modules(model, peft_config)
         except Exception:
             return None  # resolve_targets reports a bad target spec with its own message
         if not candidates:
@@ -468,18 +474,11 @@ def _is_peft_model(model: Any) -> bool:
 
 
 def _as_mm_config(args: Any, model: Any) -> MMSFTConfig:
-    """The trainer's config as an :class:`MMSFTConfig` (defaults for a plain ``SFTConfig`` / ``TrainingArguments``)."""
-    if isinstance(args, MMSFTConfig):
-        return args
+    """The trainer's own ``MMSFTConfig``: a copy of the user's config (never the user's object), which the trainer may
+    then change, like ``SFTTrainer`` does its config, without the change reaching the user's object."""
     if args is None:
-        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        name = model if isinstance(model, str) else model.config.name_or_path
         return MMSFTConfig(f"{(name or 'model').split('/')[-1]}-SFT")
-    if isinstance(args, SFTConfig):
-        # Keep every value SFTConfig already resolved; add MMSFTConfig's fields with their defaults.
-        return MMSFTConfig.extend(args)
     if isinstance(args, TrainingArguments):
-        dict_args = args.to_dict()
-        dict_args["hub_token"] = args.hub_token  # to_dict hides the token
-        known = MMSFTConfig.__dataclass_fields__
-        return MMSFTConfig(**{k: v for k, v in dict_args.items() if k in known and known[k].init})
+        return MMSFTConfig.extend(args)
     raise TypeError(f"`args` must be an MMSFTConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import re
+import warnings
 
 import pytest
-from peft import LoraConfig
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.error import NoMatchingPeftModuleError
 
 from mm_trainer.modality import ModalityProfile
 from mm_trainer.probe import build_probe_batch, probe_reachability
-from mm_trainer.targets import matched_modules, resolve_targets, target_matches
-from mm_trainer.towers import map_towers
+from mm_trainer.targets import matched_modules, resolve_targets
 from tests.kit import FAMILIES, VLM_FAMILIES, make_tokenizer, text_dataset, tiny_model
 
 TEXT = ModalityProfile(frozenset({"text"}))
@@ -19,13 +22,26 @@ IMAGE = ModalityProfile(frozenset({"text", "image"}))
 SPECS = [["q_proj", "v_proj", "down_proj"], "all-linear"]
 
 
-def _language_matches(model, spec) -> set[str]:
-    """Independent reference: PEFT's own matcher over the language tower's linear layers."""
-    tmap = map_towers(model)
-    config = LoraConfig(r=4, target_modules=spec)
-    if spec == "all-linear":
-        return {n for n, i in tmap.linears.items() if i.tower == "language"}
-    return {n for n in tmap.linear_names("language") if check_target_module_exists(config, n)}
+def peft_adapts(model, config) -> set[str]:
+    """Independent reference: the module paths PEFT itself wraps when it builds the PeftModel (on a copy)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+    except NoMatchingPeftModuleError:
+        return set()
+    base = wrapped.base_model.model
+    return {name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def language_paths(family: str, names) -> set[str]:
+    """The language model's paths by their prefix in transformers' module tree (not by the tower map under test)."""
+    prefix = "model.layers." if family == "causal_lm" else "model.language_model."
+    return {n for n in names if n.startswith(prefix)}
+
+
+def _language_matches(model, spec, family) -> set[str]:
+    return language_paths(family, peft_adapts(model, LoraConfig(r=4, target_modules=spec)))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=["suffixes", "all-linear"])
@@ -34,7 +50,7 @@ def test_text_only_data_keeps_exactly_the_language_matches(family, spec):
     model = tiny_model(family)
     plan = resolve_targets(model, LoraConfig(r=4, target_modules=spec), TEXT)
     kept = set(plan.kept())
-    assert kept == _language_matches(model, spec)
+    assert kept == _language_matches(model, spec, family)
     assert {plan.tower_map.tower_of(n) for n in kept} == {"language"}
     assert plan.peft_config.target_modules == kept
     assert "lm_head" not in kept
@@ -48,7 +64,7 @@ def test_probe_on_text_batch_confirms_language_targets(family):
     config = LoraConfig(r=4, target_modules="all-linear")
     probe = probe_reachability(model, batch, matched_modules(model, config))
     plan = resolve_targets(model, config, TEXT, probe=probe)
-    reference = _language_matches(model, "all-linear")
+    reference = _language_matches(model, "all-linear", family)
     dropped_language = reference - set(plan.kept())
     if family == "mllama":
         # Cross-attention decoder layers (attention and MLP) are skipped entirely when there is no image.
@@ -120,24 +136,76 @@ def test_output_head_only_when_named():
     assert "lm_head" not in plan.kept()
 
 
+LAYERS_0 = "model.language_model.layers.0."
 SPEC_CASES = [
     {"target_modules": ["q_proj", "v_proj"]},
     {"target_modules": ["self_attn.q_proj", "mlp.down_proj"]},
     {"target_modules": r".*language_model.*\.(q_proj|o_proj)"},
+    {"target_modules": r".*\.(qkv|fc1|q_proj)"},
+    {"target_modules": ["q_proj", "k_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "k_proj"], "layers_to_transform": 0},
+    {"target_modules": ["q_proj", "qkv", "k_proj"], "layers_to_transform": [0], "layers_pattern": "blocks"},
+    {"target_modules": ["q_proj", "k_proj"], "layers_to_transform": [1], "layers_pattern": ["blocks", "layers"]},
+    # An exact path is adapted whatever layers_to_transform says; only `.suffix` matches are filtered.
+    {"target_modules": [LAYERS_0 + "mlp.up_proj", "k_proj"], "layers_to_transform": [1]},
     {"target_modules": ["q_proj", "down_proj"], "exclude_modules": ["layers.1.self_attn.q_proj"]},
     {"target_modules": ["q_proj", "qkv"], "exclude_modules": r".*visual.*"},
-    {"target_modules": ["q_proj", "k_proj"], "layers_to_transform": [1]},
-    {"target_modules": ["q_proj", "k_proj"], "layers_to_transform": [0], "layers_pattern": "blocks"},
+    {"target_modules": ["up_proj", "q_proj"], "modules_to_save": ["mlp"]},
     {"target_modules": ["up_proj"], "modules_to_save": ["mlp"]},
+    {"target_modules": "all-linear"},
+    {"target_modules": "all-linear", "exclude_modules": r".*(visual|vision_tower|vision_model).*"},
+    {"target_modules": "all-linear", "exclude_modules": ["o_proj", "lm_head"]},
+    {"target_modules": "all-linear", "modules_to_save": ["multi_modal_projector"]},
+    {"target_modules": None},
 ]
+TABLE_FAMILIES = ["qwen2_5_vl", "llava", "mllama", "causal_lm"]
+_BASES: dict[str, object] = {}
 
 
-@pytest.mark.parametrize("case", SPEC_CASES, ids=lambda c: re.sub(r"\W+", "_", str(c))[:60])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
-def test_matching_equals_peft(family, case):
-    model = tiny_model(family)
+def _base(family: str):
+    if family not in _BASES:
+        _BASES[family] = tiny_model(family)
+    return _BASES[family]
+
+
+def _case_id(case) -> str:
+    return re.sub(r"\W+", "_", str(case))[:70]
+
+
+@pytest.mark.parametrize("case", SPEC_CASES, ids=_case_id)
+@pytest.mark.parametrize("family", TABLE_FAMILIES)
+def test_matching_equals_what_peft_adapts(family, case):
+    model = _base(family)
     config = LoraConfig(r=4, **case)
-    names = [n for n, _ in model.named_modules() if n]
-    ours = [n for n in names if target_matches(config, n)]
-    peft = [n for n in names if check_target_module_exists(config, n)]
-    assert ours == peft
+    try:
+        expected = peft_adapts(model, config)
+    except ValueError:
+        # PEFT knows no default targets for this multimodal type; mm-trainer takes those of its text model.
+        assert case["target_modules"] is None
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.get_text_config().model_type)
+        if defaults is None:
+            with pytest.raises(ValueError, match="Set `target_modules`"):
+                matched_modules(model, config)
+            return
+        expected = peft_adapts(model, LoraConfig(r=4, target_modules=defaults))
+    assert set(matched_modules(model, config)) == expected
+
+
+@pytest.mark.parametrize("case", SPEC_CASES, ids=_case_id)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "causal_lm"])
+def test_resolved_config_adapts_the_language_part_of_what_peft_adapts(family, case):
+    """The tower filter on top of PEFT's matcher: text data keeps PEFT's language matches, and PEFT, given the
+    resolved config, adapts exactly the kept modules."""
+    model = _base(family)
+    config = LoraConfig(r=4, **case)
+    try:
+        expected = language_paths(family, set(matched_modules(model, config)))  # equal to PEFT's (test above)
+    except ValueError:
+        expected = set()
+    if not expected:
+        with pytest.raises(ValueError, match="target_modules"):
+            resolve_targets(model, config, TEXT)
+        return
+    plan = resolve_targets(model, config, TEXT)
+    assert set(plan.kept()) == expected
+    assert peft_adapts(model, plan.peft_config) == expected

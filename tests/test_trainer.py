@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
@@ -176,6 +178,8 @@ def test_bf16_like_sft_trainer(tmp_path):
         )
         trainer.train()
         results.append(_adapter(trainer))
+    assert results[0] and results[1].keys() == results[0].keys()
+    assert {v.dtype for v in results[1].values()} == {v.dtype for v in results[0].values()}
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], atol=1e-6, rtol=0)
 
@@ -310,3 +314,72 @@ def test_vlm_on_mixed_data_matches_sft_trainer(tmp_path):
     assert runs["mm"].keys() == runs["sft"].keys()
     for key in runs["sft"]:
         torch.testing.assert_close(runs["mm"][key], runs["sft"][key], atol=1e-6, rtol=0)
+
+
+def test_model_path_loads_as_sft_trainer_loads_it(tmp_path):
+    """MMSFTTrainer loads a path itself (TRL has no hook between its load and PEFT's wrap): same class, dtype,
+    weights and processor as SFTTrainer's own load, from the same `model_init_kwargs`."""
+    from tests.kit import save_tiny
+
+    path = str(save_tiny("qwen2_5_vl", tmp_path / "model"))
+    loaded = {}
+    for name, trainer_cls, config_cls in (("sft", SFTTrainer, SFTConfig), ("mm", MMSFTTrainer, MMSFTConfig)):
+        keep = {"free_unreached_towers": False} if config_cls is MMSFTConfig else {}  # keep the unused vision tower
+        args = _args(config_cls, tmp_path / name, model_init_kwargs={"dtype": "bfloat16"}, **keep)
+        trainer = trainer_cls(
+            model=path,
+            args=args,
+            train_dataset=text_dataset(4),
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )
+        base = trainer.model.get_base_model()
+        weights = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
+        loaded[name] = (type(base), type(trainer.processing_class), weights)
+    (sft_cls, sft_proc, sft_weights), (mm_cls, mm_proc, mm_weights) = loaded["sft"], loaded["mm"]
+    assert (mm_cls, mm_proc) == (sft_cls, sft_proc)
+    assert mm_weights.keys() == sft_weights.keys()
+    assert {v.dtype for v in mm_weights.values()} == {v.dtype for v in sft_weights.values()} == {torch.bfloat16}
+    for key in sft_weights:
+        assert torch.equal(mm_weights[key], sft_weights[key]), key
+
+
+@pytest.mark.parametrize("config_cls", [MMSFTConfig, SFTConfig, TrainingArguments])
+def test_user_config_is_never_changed(tmp_path, config_cls):
+    from tests.kit import save_tiny
+
+    path = str(save_tiny("qwen2_5_vl", tmp_path / "model"))
+    args = config_cls(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", hub_token="secret")
+    if config_cls is not TrainingArguments:
+        args.model_init_kwargs = {"dtype": "float32"}
+    before = (copy.deepcopy(args.to_dict()), copy.deepcopy(vars(args)).keys(), args.ddp_find_unused_parameters)
+    trainer = MMSFTTrainer(
+        model=path, args=args, train_dataset=text_dataset(4), peft_config=LoraConfig(r=4, target_modules="all-linear")
+    )
+    assert trainer.args is not args and isinstance(trainer.args, MMSFTConfig)
+    assert trainer.args.ddp_find_unused_parameters is False  # decided on the trainer's copy
+    assert (args.to_dict(), vars(args).keys(), args.ddp_find_unused_parameters) == before
+    assert type(args) is config_cls and args.hub_token == trainer.args.hub_token == "secret"
+    if config_cls is not TrainingArguments:
+        assert args.model_init_kwargs == {"dtype": "float32"}
+
+
+def test_extend_keeps_every_value_and_takes_changes(tmp_path):
+    sft = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        learning_rate=3e-4,
+        lr_scheduler_type="cosine",
+        max_length=77,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        hub_token="secret",
+    )
+    extended = MMSFTConfig.extend(sft, target_towers=["language"])
+    assert type(sft) is SFTConfig and not hasattr(sft, "target_towers")
+    assert {k: v for k, v in extended.to_dict().items() if k in sft.to_dict()} == sft.to_dict()
+    assert extended.hub_token == "secret" and extended.target_towers == ["language"]
+    assert extended.gradient_checkpointing_kwargs is not sft.gradient_checkpointing_kwargs
+    with pytest.raises(ValueError, match="Unknown tower name"):
+        MMSFTConfig.extend(sft, target_towers=["eyes"])
+    with pytest.raises(TypeError, match="no field"):
+        MMSFTConfig.extend(sft, not_a_field=1)

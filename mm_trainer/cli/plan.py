@@ -91,13 +91,15 @@ def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
 
 def build_plan(args: argparse.Namespace) -> Any:
     """The :class:`~mm_trainer.targets.TargetPlan` for the command-line arguments."""
+    from peft import LoraConfig
+
     from ..modality import ModalityProfile
-    from ..targets import TargetSpec, resolve_targets
+    from ..targets import resolve_targets
 
     config = load_config(args.model, args.trust_remote_code)
     model = meta_model(config, args.trust_remote_code)
     profile = ModalityProfile.declare(m.strip() for m in args.modality.split(",") if m.strip())
-    lora = TargetSpec(r=args.rank, target_modules=parse_target_modules(args.target_modules))
+    lora = LoraConfig(r=args.rank, target_modules=parse_target_modules(args.target_modules))
     plan = resolve_targets(model, lora, profile, target_towers=args.target_towers, dead_targets="drop")
     return plan, type(model).__name__
 

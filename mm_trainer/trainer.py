@@ -23,12 +23,13 @@ from .audit.auditor import is_checkpoint_dir
 from .callbacks import MMTrainerCallback
 from .checkpoints import write_complete_marker
 from .config import MMSFTConfig
+from .engine import detect_engine
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .plan_report import print_plan
 from .probe import ProbeResult, build_probe_batch, choose_probe_rows, probe_reachability
 from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
-from .release import ReleaseRecord, releasable_roots, release_towers
+from .release import ReleaseRecord, releasable_roots, release_blocker, release_towers
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
 from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
@@ -102,7 +103,7 @@ class MMSFTTrainer(SFTTrainer):
             if args.ddp_find_unused_parameters is None:  # set on the trainer's copy of the user's config
                 # Every kept adapter gets a gradient on every batch only when no kept tower can be skipped by a batch.
                 args.ddp_find_unused_parameters = not self._every_batch_reaches_all_targets()
-            if self._should_release(args, eval_dataset):
+            if self._should_release(args, eval_dataset, model):
                 self.released_towers = release_towers(model, releasable_roots(self.target_plan))
         # 4-bit base (in-place nf4 / LoftQ on the kept targets), k-bit training preparation; None when not quantized.
         self.quantized_base: QuantizedBase | None = QuantizedBase.prepare(
@@ -274,10 +275,16 @@ class MMSFTTrainer(SFTTrainer):
         # Adapters on a media tower are used by a batch only if it holds that media: every sampled row must.
         return not profile.declared and all(c == profile.rows_sampled for c in profile.rows_with.values())
 
-    def _should_release(self, args: MMSFTConfig, eval_dataset: Any) -> bool:
+    def _should_release(self, args: MMSFTConfig, eval_dataset: Any, model: Any) -> bool:
         if args.free_unreached_towers is False or self.target_plan is None:
             return False
         if not releasable_roots(self.target_plan):
+            return False
+        blocker = release_blocker(detect_engine(args), model)  # engines the release cannot (or need not) go with
+        if blocker is not None:
+            if args.free_unreached_towers is True and blocker.refuse:
+                raise ValueError(f"`free_unreached_towers=True` cannot be used here: {blocker.reason}")
+            logger.warning("Unreached towers are kept (not released): %s", blocker.reason)
             return False
         if args.free_unreached_towers is True:
             return True

@@ -84,6 +84,8 @@ def device_map_without(meta_model: nn.Module, roots: list[str], device: Any) -> 
     otherwise try to place the towers' meta tensors). ``None`` when a module on such a path holds weights of its own
     (no module-level map can leave them out).
     """
+    # A torch.device, not a string: bitsandbytes keeps every module mapped to the string "cpu" in full precision.
+    device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
     mapping: dict[str, Any] = {"": device}
     for root in roots:
         parts = root.split(".")
@@ -140,10 +142,22 @@ def finish_load(model: nn.Module, unloaded: UnloadedTowers) -> None:
 
 def load_without(load: Any, model_id: str, kwargs: dict[str, Any], unloaded: UnloadedTowers) -> nn.Module:
     """``load(model_id, **kwargs)`` (a ``from_pretrained``-like callable) with ``unloaded.roots`` never materialized."""
-    with tempfile.TemporaryDirectory(prefix="mm-trainer-offload-") as folder:
-        model = load(model_id, **load_kwargs(unloaded, kwargs, folder))
+    dispatch_log = logging.getLogger("accelerate.big_modeling")
+    quiet = _DropOffloadNotice()
+    dispatch_log.addFilter(quiet)  # "Some parameters are on the meta device because they were offloaded": by design
+    try:
+        with tempfile.TemporaryDirectory(prefix="mm-trainer-offload-") as folder:
+            model = load(model_id, **load_kwargs(unloaded, kwargs, folder))
+    finally:
+        dispatch_log.removeFilter(quiet)
     finish_load(model, unloaded)
+    logger.info("Loaded %s without its unreached tower(s) %s.", model_id, ", ".join(p for p, _ in unloaded.roots))
     return model
+
+
+class _DropOffloadNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "offloaded to the" not in record.getMessage()
 
 
 def plan_unloaded(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from datasets import Dataset, IterableDataset
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
@@ -27,10 +27,10 @@ from .config import MMSFTConfig
 from .engine import detect_engine
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
+from .model_class import meta_model
 from .plan_report import print_plan
 from .probe import ProbeResult, build_probe_batch, choose_probe_rows, probe_reachability
 from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
-from .quant.qlora import meta_model
 from .release import (
     ReleasedTowerError,
     ReleaseRecord,
@@ -233,9 +233,9 @@ class MMSFTTrainer(SFTTrainer):
             return None  # FSDP1 refuses the release; ZeRO-3 may partition at load (both decided on the loaded model)
         reached = set(self.modality_profile.reached_towers())
         selected = set(args.target_towers) if isinstance(args.target_towers, (list, tuple)) else set()
-        meta = meta_model(
-            model_id, revision=kwargs.get("revision"), trust_remote_code=bool(kwargs.get("trust_remote_code"))
-        )
+        trust = bool(kwargs.get("trust_remote_code"))
+        config = AutoConfig.from_pretrained(model_id, revision=kwargs.get("revision"), trust_remote_code=trust)
+        meta = meta_model(config, trust)
         default_map = None if PartialState().device.type in ("cpu", "mps") else "auto"  # as create_model_from_path
         plan, reason = plan_unloaded(meta, kwargs.get("device_map", default_map), reached, selected)
         if reason is not None:

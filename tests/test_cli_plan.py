@@ -65,3 +65,31 @@ def test_parse_target_modules():
     assert parse_target_modules("all-linear") == "all-linear"
     assert parse_target_modules("q_proj, v_proj") == ["q_proj", "v_proj"]
     assert parse_target_modules(r".*\.q_proj") == r".*\.q_proj"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "causal_lm"])
+def test_meta_model_is_the_class_the_trainer_loads(tmp_path, family):
+    """``plan`` and the 4-bit skip list are computed on the meta model: it must be the class TRL's load builds."""
+    from transformers import AutoConfig
+    from trl.trainer.utils import create_model_from_path
+
+    from mm_trainer.model_class import meta_model
+    from tests.kit import save_tiny
+
+    path = save_tiny(family, tmp_path / family)
+    meta = meta_model(AutoConfig.from_pretrained(path))
+    loaded = create_model_from_path(str(path))
+    assert type(meta) is type(loaded)
+    assert [n for n, _ in meta.named_modules()] == [n for n, _ in loaded.named_modules()]
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+def test_meta_model_without_architectures_uses_the_auto_mappings():
+    from mm_trainer.model_class import model_class_for
+
+    config = tiny_config("qwen2_5_vl")
+    config.architectures = None
+    assert model_class_for(config).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    text = tiny_config("causal_lm")
+    text.architectures = None
+    assert model_class_for(text).__name__ == "Qwen2ForCausalLM"

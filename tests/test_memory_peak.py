@@ -14,12 +14,13 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from transformers import AutoConfig
 from trl.trainer.utils import create_model_from_path
 
 from mm_trainer import MMSFTTrainer
+from mm_trainer.model_class import meta_model
 from mm_trainer.plan_report import PEAK_DTYPES
 from mm_trainer.quant import bitsandbytes_available
-from mm_trainer.quant.qlora import meta_model
 from mm_trainer.tower_loading import device_map_without, load_without, plan_unloaded, single_device
 from tests.kit import auto_model_class, image_text_dataset, make_processor, save_tiny, text_dataset, training_args
 
@@ -42,7 +43,9 @@ def _tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def test_load_without_leaves_the_tower_on_meta_and_loads_the_rest_as_a_full_load(tiny_path):
     full = auto_model_class(FAMILY).from_pretrained(tiny_path)
-    plan, reason = plan_unloaded(meta_model(tiny_path), None, reached={"language"}, selected=set())
+    plan, reason = plan_unloaded(
+        meta_model(AutoConfig.from_pretrained(tiny_path)), None, reached={"language"}, selected=set()
+    )
     assert reason is None and plan.roots == [(TOWER, "vision")]
 
     model = load_without(create_model_from_path, tiny_path, {}, plan)

@@ -522,6 +522,15 @@ def test_conflicting_settings_are_clear_errors(tmp_path, saved_vlm):
     peft_loftq.init_lora_weights = "loftq"  # (LoraConfig itself wants scipy for it, absent here)
     with pytest.raises(ValueError, match="Set `MMSFTConfig\\(quantization='loftq'\\)` instead"):
         MMSFTTrainer(model=str(saved_vlm), args=_args(tmp_path), train_dataset=text_dataset(4), peft_config=peft_loftq)
+    # Both LoftQs at once: refused, not silently switched to one (the user's config and the resolved copy unchanged).
+    with pytest.raises(ValueError, match="Remove `init_lora_weights`"):
+        MMSFTTrainer(
+            model=str(saved_vlm),
+            args=_args(tmp_path, quantization="loftq"),
+            train_dataset=text_dataset(4),
+            peft_config=peft_loftq,
+        )
+    assert peft_loftq.init_lora_weights == "loftq"
     with pytest.raises(ValueError, match="cannot be combined with `init_lora_weights='eva'`"):
         MMSFTTrainer(
             model=str(saved_vlm),
@@ -573,3 +582,64 @@ def test_eva_on_4bit_base_keeps_fp32_components(tmp_path):
         torch.testing.assert_close(adapter.lora_A @ adapter.lora_A.T, torch.eye(rank), atol=1e-5, rtol=0)
     assert sorted(trainer.audit_sections) == ["eva", "quantization"]
     trainer.train()
+
+
+def test_in_place_4bit_model_state_is_pinned():
+    """In-place quantization makes up no quantizer state: it sets ``is_loaded_in_4bit`` only, the attribute PEFT reads
+    to wrap a ``Linear4bit`` with its 4-bit LoRA layer (merge through dequantization) instead of its plain
+    ``lora.Linear``. Pinned both ways, so a PEFT release that stops reading it shows up here."""
+    from peft import get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from mm_trainer.quant.layers import mark_loaded_in_4bit, quantize_in_place
+
+    names = [LANGUAGE + "layers.0.self_attn.q_proj", LANGUAGE + "layers.1.mlp.down_proj"]
+    wrapped_as = {}
+    for marked in (False, True):
+        model = tiny_model(FAMILY)
+        assert quantize_in_place(model, names, Nf4Spec()) == names
+        if marked:
+            mark_loaded_in_4bit(model)
+        assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+        assert getattr(model.config, "quantization_config", None) is None
+        assert getattr(model, "quantization_method", None) is None
+        assert quantization_method(model) == "bnb-4bit"  # read from the layers
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=names))
+        wrapped_as[marked] = {type(peft_model.base_model.model.get_submodule(n)) for n in names}
+    assert wrapped_as == {False: {LoraLinear}, True: {LoraLinear4bit}}
+
+
+def test_bitsandbytes_cpu_repacking_is_undone_and_switched_off():
+    """The bitsandbytes behaviour ``keep_4bit_layers_trainable`` relies on: a ``Linear4bit`` run in eval mode without
+    gradients on a CPU it deems AVX512-BF16-capable repacks its weight in place (``packing_format_for_cpu``);
+    ``keep_4bit_layers_trainable`` restores the packed nf4 codes exactly and switches the repacking off. The block
+    scales come back through bfloat16 (bitsandbytes' inverse), so the weight moves by at most bf16's rounding
+    (2**-8 relative) under QLoRA's double quantization."""
+    from mm_trainer.quant import keep_4bit_layers_trainable
+    from mm_trainer.quant.layers import quantize_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    layer = quantize_linear(linear, Nf4Spec())  # nf4, double quantization, float32 compute
+    packed = layer.weight.data.clone()
+    weight = Nf4Spec.dequantize(packed, layer.weight.quant_state).clone()
+    x = torch.randn(3, 64)
+    layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such a CPU
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert layer.weight.quant_state.packing_format_for_cpu  # bitsandbytes repacked in place
+    assert keep_4bit_layers_trainable(nn.Sequential(layer)) == 1
+    assert layer.support_avx512bf16_for_cpu is False
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(layer.weight.data, packed)
+    restored = Nf4Spec.dequantize(layer.weight.data, layer.weight.quant_state)
+    torch.testing.assert_close(restored, weight, rtol=2**-8, atol=0)
+    with torch.no_grad():
+        out = layer(x)
+    assert torch.equal(layer.weight.data, packed)  # not repacked again
+    reference = x @ restored.T + linear.bias.detach()
+    # float32 compute: only the summation order over 64 products differs from the reference matmul.
+    bound = 64 * torch.finfo(torch.float32).eps * (x.abs() @ restored.abs().T + linear.bias.detach().abs())
+    assert ((out - reference).abs() <= bound).all()

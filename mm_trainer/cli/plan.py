@@ -58,42 +58,12 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
     return AutoConfig.from_pretrained(str(path) if path.exists() else model, trust_remote_code=trust_remote_code)
 
 
-def model_class_for(config: Any) -> type:
-    """The transformers class the config's ``architectures`` names, or the best auto class for it."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel):
-        mapping = auto._model_mapping
-        if type(config) in mapping:
-            return mapping[type(config)]
-    raise ValueError(
-        f"Cannot tell which model class builds a {type(config).__name__}: set `architectures` in config.json."
-    )
-
-
-def meta_model(config: Any, trust_remote_code: bool = False) -> Any:
-    """Instantiate the model on the meta device: full module tree, no weight memory."""
-    import torch
-
-    with torch.device("meta"):
-        if trust_remote_code and getattr(config, "auto_map", None):
-            from transformers import AutoModelForCausalLM
-
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-        return model_class_for(config)._from_config(config)
-
-
 def build_plan(args: argparse.Namespace) -> Any:
     """The :class:`~mm_trainer.targets.TargetPlan` for the command-line arguments."""
     from peft import LoraConfig
 
     from ..modality import ModalityProfile
+    from ..model_class import meta_model
     from ..plan_report import param_memory
     from ..targets import resolve_targets
 

@@ -1,11 +1,16 @@
 """4-bit training of multimodal models: QLoRA with full-precision towers, LoftQ on the targeted modules, EVA.
 
+Modules: :mod:`.checks` (before and right after loading), :mod:`.layers` (nf4 layers, in-place quantization),
+:mod:`.preparation` (the run's 4-bit base), :mod:`.report` (start-up report, audit section), :mod:`.persistence`
+(``quantization.json``, :func:`load_quantized_base`), :mod:`.loftq`, :mod:`.eva`.
+
 ``MMSFTConfig(quantization="qlora" | "loftq")`` switches it on; :func:`load_quantized_base` rebuilds the base a saved
 adapter was trained on.
 """
 
 from __future__ import annotations
 
+from .checks import check_loaded_model, check_peft_config, quantization_method
 from .eva import EvaReport, eva_requested, initialize_eva, towers_in_every_batch
 from .import_utils import (
     BITSANDBYTES_MIN_VERSION,
@@ -13,25 +18,10 @@ from .import_utils import (
     bitsandbytes_available,
     require_bitsandbytes,
 )
+from .layers import Nf4Spec, keep_4bit_layers_trainable, resident_bytes, resolve_compute_dtype, skip_modules
 from .loftq import LoftQResult, loftq_decompose, lora_scaling
-from .qlora import (
-    Nf4Spec,
-    keep_4bit_layers_trainable,
-    prepare_for_kbit_training,
-    quantization_method,
-    resident_bytes,
-    resolve_compute_dtype,
-    skip_modules,
-)
-from .quantized_base import (
-    LOFTQ_OFFSETS_FILE,
-    QUANT_FILE,
-    QuantizedBase,
-    check_loaded_model,
-    check_peft_config,
-    load_quantized_base,
-    quantized_load_kwargs,
-)
+from .persistence import LOFTQ_OFFSETS_FILE, QUANT_FILE, load_quantized_base
+from .preparation import QuantizedBase, prepare_for_kbit_training, quantized_load_kwargs
 
 __all__ = [
     "BITSANDBYTES_MIN_VERSION",

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .qlora import Nf4Spec
+from .layers import Nf4Spec
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from mm_trainer.quant import Nf4Spec, loftq_decompose, lora_scaling, resident_bytes
-from mm_trainer.quant.qlora import quantize_linear
+from mm_trainer.quant.layers import quantize_linear
 from mm_trainer.towers import map_towers
 
 

@@ -1,21 +1,14 @@
-"""QLoRA on multimodal models: nf4 4-bit language linears, every other tower in full precision.
+"""nf4 4-bit layers: the quantization settings, bitsandbytes ``Linear4bit`` layers built from them, in-place
+replacement of ``nn.Linear`` layers, the bitsandbytes CPU behaviour training relies on, and their memory.
 
-Two ways to a 4-bit base, giving the same layers:
-
-* **At load** (``model`` given as a path / hub id): a :class:`~transformers.BitsAndBytesConfig` whose
-  ``llm_int8_skip_modules`` lists the module paths of the towers in ``quant_skip_towers``. Those paths come from the
-  tower map of the model built on the meta device from its config, *before* any weight is read.
-* **In place** (an unquantized model instance, and always for LoftQ, which needs the full-precision weights): every
-  ``nn.Linear`` outside the skipped towers is replaced by a bitsandbytes ``Linear4bit`` holding the nf4 quantization
-  of its weight, with the same block size, double quantization and compute dtype ``from_pretrained`` would use.
-
-Either way the model then looks to transformers, PEFT and TRL exactly like a bitsandbytes 4-bit load
-(``is_loaded_in_4bit``, ``hf_quantizer``, ``config.quantization_config``).
+In-place quantization (an unquantized model instance, and always for LoftQ, which needs the full-precision weights)
+replaces every ``nn.Linear`` outside the skipped towers by a bitsandbytes ``Linear4bit`` holding the nf4 quantization
+of its weight, with the block size, double quantization and compute dtype a ``BitsAndBytesConfig`` load uses
+(``tests/test_quant.py`` checks the packed data against bitsandbytes' own quantization of the same weight).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..towers import TowerMap, is_quantized_linear
+from ..towers import TowerMap
 from .import_utils import require_bitsandbytes
 
 logger = logging.getLogger(__name__)
@@ -35,10 +28,6 @@ NF4_BLOCKSIZE = 64
 DEFAULT_SKIP_TOWERS: tuple[str, ...] = ("vision", "audio", "projector", "output")
 
 _DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-_PLAIN_PARAMETERS = ("Parameter", "Tensor", "Params4bit", "DTensor")
-_QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
-_OTHER_QUANTIZED_LAYERS = ("QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear", "Int8Linear", "Int4Linear")
 
 
 def resolve_compute_dtype(setting: str, bf16: bool = False, fp16: bool = False) -> torch.dtype:
@@ -126,33 +115,6 @@ class Nf4Spec:
 # ---------------------------------------------------------------------------------------------------------------------
 # Which modules stay in full precision
 # ---------------------------------------------------------------------------------------------------------------------
-def model_class_for(config: Any) -> Any:
-    """The class TRL's ``create_model_from_path`` would instantiate for ``config``."""
-    import transformers
-
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is not None:
-        return cls
-    auto_map = getattr(config, "auto_map", None) or {}
-    for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
-        if auto.__name__ in auto_map:
-            return auto
-    return transformers.AutoModelForCausalLM
-
-
-def meta_model(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """The model of ``model_id`` built from its config on the meta device: module structure, no weights read."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
-    cls = model_class_for(config)
-    with torch.device("meta"):
-        if hasattr(cls, "_from_config"):
-            return cls._from_config(config)
-        return cls.from_config(config, trust_remote_code=trust_remote_code)
-
-
 def quantizable_linears(tower_map: TowerMap, modules: dict[str, nn.Module], skip_towers: Iterable[str]) -> list[str]:
     """Paths of the plain ``nn.Linear`` layers outside ``skip_towers``: what a 4-bit load turns into ``Linear4bit``.
 
@@ -182,46 +144,17 @@ def skip_modules(tower_map: TowerMap, skip_towers: Iterable[str]) -> list[str]:
     return sorted(roots, key=lambda p: order.get(p, len(order)))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# What a model already is
-# ---------------------------------------------------------------------------------------------------------------------
-def quantization_method(model: nn.Module) -> str | None:
-    """``None`` for a full-precision model, ``"bnb-4bit"``, ``"bnb-8bit"``, or the name of another method.
+def checkpoint_skip_modules(
+    model_id: str, skip_towers: Iterable[str], revision: str | None = None, trust_remote_code: bool = False
+) -> list[str]:
+    """:func:`skip_modules` of a checkpoint, from its config alone (the model built on the meta device)."""
+    from transformers import AutoConfig
 
-    Reads ``config.quantization_config`` / ``hf_quantizer`` first, then the layer classes and parameter dtypes (for a
-    model quantized by hand).
-    """
-    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qconfig is None and getattr(model, "hf_quantizer", None) is not None:
-        qconfig = model.hf_quantizer.quantization_config
-    if qconfig is not None:
-        data = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-        method = str(getattr(data.get("quant_method"), "value", data.get("quant_method")) or "unknown")
-        if method == "bitsandbytes":
-            if data.get("load_in_4bit") or data.get("_load_in_4bit"):
-                return "bnb-4bit"
-            return "bnb-8bit"
-        return method
-    found: set[str] = set()
-    for module in model.modules():
-        name = type(module).__name__
-        if name == "Linear4bit":
-            found.add("bnb-4bit")
-        elif name == "Linear8bitLt":
-            found.add("bnb-8bit")
-        elif any(tag in name for tag in _OTHER_QUANTIZED_LAYERS):
-            found.add(name)
-    for param in model.parameters():
-        kind = type(param).__name__
-        if kind in _PLAIN_PARAMETERS:
-            if kind in ("Parameter", "Tensor") and param.dtype in _QUANTIZED_DTYPES:
-                found.add(f"{dtype_name(param.dtype)} weights")
-            continue
-        found.add(kind)  # tensor subclasses: torchao's AffineQuantizedTensor and the like
-    if not found:
-        return None
-    others = sorted(found - {"bnb-4bit"})
-    return others[0] if others else "bnb-4bit"
+    from ..model_class import meta_model
+    from ..towers import map_towers
+
+    config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    return skip_modules(map_towers(meta_model(config, trust_remote_code)), skip_towers)
 
 
 def spec_of_model(model: nn.Module) -> Nf4Spec:
@@ -269,7 +202,6 @@ def linear4bit_from_quantized(linear: nn.Linear, packed: torch.Tensor, quant_sta
     layer.quant_state = quant_state
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().to(packed.device), requires_grad=False)
-    layer.source_cls = type(linear)  # as transformers' replace_with_bnb_linear records it
     layer.support_avx512bf16_for_cpu = False  # see keep_4bit_layers_trainable
     layer.train(linear.training)
     return layer
@@ -282,14 +214,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def quantize_linear(linear: nn.Linear, spec: Nf4Spec, device: torch.device | None = None) -> nn.Module:
-    """The ``Linear4bit`` replacing ``linear``: plain nf4 of its weight (QLoRA), on ``device`` (default: its own)."""
+def _weight_to_quantize(linear: nn.Linear, device: torch.device | None) -> torch.Tensor:
     weight = linear.weight.detach()
     if weight.device.type == "meta":
         raise ValueError("Cannot quantize a layer whose weight is on the meta device; load the weights first.")
-    if device is not None:
-        weight = weight.to(device)
-    packed, state = spec.quantize(weight)
+    return weight if device is None else weight.to(device)
+
+
+def quantize_linear(linear: nn.Linear, spec: Nf4Spec, device: torch.device | None = None) -> nn.Module:
+    """The ``Linear4bit`` replacing ``linear``: plain nf4 of its weight (QLoRA), on ``device`` (default: its own)."""
+    packed, state = spec.quantize(_weight_to_quantize(linear, device))
     return linear4bit_from_quantized(linear, packed, state, spec)
 
 
@@ -298,52 +232,46 @@ def quantize_in_place(
     names: Iterable[str],
     spec: Nf4Spec,
     device: torch.device | None = None,
-    build: Callable[[str, nn.Linear], nn.Module] | None = None,
+    quantize: Callable[[str, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
 ) -> list[str]:
-    """Replace each ``nn.Linear`` at ``names`` by its 4-bit counterpart; returns the paths replaced.
+    """Replace each ``nn.Linear`` at ``names`` by a ``Linear4bit``; returns the paths replaced.
 
     Args:
         model: The model, modified in place.
         names: Paths of ``nn.Linear`` layers.
         spec: Quantization settings.
         device: Where the 4-bit layers go (default: where each weight is).
-        build: ``(name, linear) -> Linear4bit`` for layers that need more than plain quantization (LoftQ); ``None``
-            quantizes plainly.
+        quantize: ``(name, weight) -> (packed, quant_state)`` for layers whose 4-bit data is not plain ``nf4(W)``
+            (LoftQ's ``nf4(W - s B A)``); return ``None`` to quantize a layer plainly. ``None``: all plainly.
     """
     replaced = []
     for name in names:
         linear = model.get_submodule(name)
         if type(linear) is not nn.Linear:
             raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear; it cannot be quantized in place.")
-        new = build(name, linear) if build is not None else quantize_linear(linear, spec, device)
-        replace_module(model, name, new)
+        weight = _weight_to_quantize(linear, device)
+        quantized = quantize(name, weight) if quantize is not None else None
+        packed, state = quantized if quantized is not None else spec.quantize(weight)
+        replace_module(model, name, linear4bit_from_quantized(linear, packed, state, spec))
         replaced.append(name)
     return replaced
 
 
-def mark_loaded_in_4bit(model: nn.Module, spec: Nf4Spec, skipped: list[str]) -> None:
-    """Give an in-place quantized model the attributes a bitsandbytes 4-bit ``from_pretrained`` sets.
+def mark_loaded_in_4bit(model: nn.Module) -> None:
+    """Set ``model.is_loaded_in_4bit``: the one attribute a bitsandbytes load sets that in-place quantization needs.
 
-    PEFT only wraps ``Linear4bit`` layers with its 4-bit LoRA layer when ``model.is_loaded_in_4bit``; TRL and the
-    Trainer read ``is_loaded_in_4bit`` / ``quantization_method`` / ``hf_quantizer`` (no ``.to()`` of the model,
-    training validation).
+    No quantizer state is made up (``hf_quantizer``, ``is_quantized``, ``quantization_method``,
+    ``config.quantization_config`` stay unset: transformers did not quantize this model). ``is_loaded_in_4bit`` is
+    read by PEFT, which wraps a ``Linear4bit`` with its 4-bit LoRA layer (``peft.tuners.lora.bnb.Linear4bit``: merge
+    and unmerge through dequantization) only when the model says so, and otherwise with its plain ``lora.Linear``,
+    whose merge would add the adapter to packed 4-bit data; and by TRL and the Trainer (adapter dtype, no
+    ``DataParallel``). ``tests/test_quant.py::test_in_place_4bit_model_state_is_pinned`` pins both.
     """
-    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    from transformers.utils.quantization_config import QuantizationMethod
-
-    config = spec.bnb_config(skipped)
-    quantizer = Bnb4BitHfQuantizer(config, pre_quantized=False)
-    quantizer.modules_to_not_convert = list(skipped)
-    model.hf_quantizer = quantizer
-    model.is_quantized = True
-    model.quantization_method = QuantizationMethod.BITS_AND_BYTES
     model.is_loaded_in_4bit = True
-    if getattr(model, "config", None) is not None:
-        model.config.quantization_config = config
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training preparation
+# bitsandbytes on CPU, and memory
 # ---------------------------------------------------------------------------------------------------------------------
 def keep_4bit_layers_trainable(model: nn.Module) -> int:
     """Keep every ``Linear4bit`` on bitsandbytes' training path on CPUs with AVX512-BF16; returns the layer count.
@@ -352,7 +280,9 @@ def keep_4bit_layers_trainable(model: nn.Module) -> int:
     layer runs in eval mode without gradients (a probe, an evaluation, a ``generate``). From then on it uses that
     kernel also in training mode: outputs in bf16 precision and, with a bias, ``RuntimeError: a view of a leaf
     Variable that requires grad is being used in an in-place operation``. We switch the repacking off (dequantize +
-    matmul in the compute dtype, as on GPU) and undo it where it already happened.
+    matmul in the compute dtype, as on GPU) and undo it where it already happened. The undo (bitsandbytes' inverse)
+    restores the nf4 codes exactly but the block scales through bfloat16: under double quantization the weight moves
+    by at most bf16's rounding, 2**-8 relative (``tests/test_quant.py`` pins it).
     """
     count = 0
     for module in model.modules():
@@ -371,36 +301,6 @@ def keep_4bit_layers_trainable(model: nn.Module) -> int:
     return count
 
 
-def prepare_for_kbit_training(model: nn.Module, compute_dtype: torch.dtype) -> dict[str, int]:
-    """k-bit training preparation, PEFT's ``prepare_model_for_kbit_training`` minus what TRL already does.
-
-    * Freezes every base parameter.
-    * Casts full-precision parameters (towers kept out of 4-bit, norms, embeddings, ``lm_head``) to float32 when they
-      are float16 (PEFT's reason: fp16 norms and heads are unstable), and bfloat16 ones too when the compute dtype
-      is float32 (the model then computes in fp32 throughout, without autocast to reconcile dtypes). bfloat16
-      parameters stay bfloat16 under a bfloat16 compute dtype: the vision tower of a 7B VLM would double in memory.
-    * Gradient checkpointing and input gradients are left to TRL, which enables both for PEFT models
-      (``gradient_checkpointing=True`` is SFTConfig's default).
-
-    Returns:
-        ``{"frozen": n, "upcast": m}`` parameter counts.
-    """
-    frozen = upcast = 0
-    for param in model.parameters():
-        if param.requires_grad:
-            param.requires_grad_(False)
-            frozen += 1
-        if type(param).__name__ == "Params4bit" or not param.is_floating_point():
-            continue
-        if param.dtype == torch.float16 or (param.dtype == torch.bfloat16 and compute_dtype == torch.float32):
-            param.data = param.data.to(torch.float32)
-            upcast += 1
-    return {"frozen": frozen, "upcast": upcast}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Accounting
-# ---------------------------------------------------------------------------------------------------------------------
 def _quant_state_bytes(state: Any) -> int:
     total = 0
     for attr in ("absmax", "code", "offset"):
@@ -424,12 +324,3 @@ def resident_bytes(module: nn.Module) -> int:
     for buffer in module.buffers():
         total += buffer.numel() * buffer.element_size()
     return total
-
-
-def refresh_linears(model: nn.Module, tower_map: TowerMap) -> None:
-    """Mark the layers now 4-bit in ``tower_map.linears`` (paths, towers and unpacked counts do not change)."""
-    modules = dict(model.named_modules())
-    for name, info in list(tower_map.linears.items()):
-        module = modules.get(name)
-        if module is not None and is_quantized_linear(module) != info.quantized:
-            tower_map.linears[name] = dataclasses.replace(info, quantized=is_quantized_linear(module))

@@ -14,10 +14,12 @@ class Engine:
     Attributes:
         fsdp_version: 1 or 2 under FSDP, else ``None``.
         zero_stage: DeepSpeed ZeRO stage (0-3), else ``None``.
+        cpu_ram_efficient_loading: FSDP loads the weights on the first rank only (the others hold meta tensors).
     """
 
     fsdp_version: int | None = None
     zero_stage: int | None = None
+    cpu_ram_efficient_loading: bool = False
 
     @property
     def name(self) -> str:
@@ -46,9 +48,15 @@ def detect_engine(args: Any) -> Engine:
         return Engine(zero_stage=int(getattr(plugin, "zero_stage", 0) or 0))
     fsdp_args = getattr(args, "fsdp_plugin_args", None)
     if fsdp_args:
-        return Engine(fsdp_version=int(fsdp_args.get("fsdp_version", 2)))
+        return Engine(
+            fsdp_version=int(fsdp_args.get("fsdp_version", 2)),
+            cpu_ram_efficient_loading=bool(fsdp_args.get("cpu_ram_efficient_loading", False)),
+        )
     if _env_true("ACCELERATE_USE_FSDP"):
-        return Engine(fsdp_version=int(os.environ.get("FSDP_VERSION", "1")))
+        return Engine(
+            fsdp_version=int(os.environ.get("FSDP_VERSION", "1")),
+            cpu_ram_efficient_loading=_env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"),
+        )
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         return Engine(zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")))
     return Engine()
@@ -57,3 +65,16 @@ def detect_engine(args: Any) -> Engine:
 def is_zero3_partitioned(model: Any) -> bool:
     """True when ``model``'s weights are already partitioned by DeepSpeed ZeRO-3 (``zero.Init`` at load)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def probe_blocker(model: Any, engine: Engine) -> str | None:
+    """Why the reachability probe cannot run on ``model`` here (``None``: it can). The answer is the same on every
+    rank, so every rank resolves the same targets."""
+    if is_zero3_partitioned(model):
+        return (
+            "DeepSpeed ZeRO-3 partitioned the weights at load (`zero3_init_flag`), and a probe forward would need the "
+            "whole model gathered on every rank"
+        )
+    if engine.fsdp_version is not None and engine.cpu_ram_efficient_loading:
+        return "FSDP's `cpu_ram_efficient_loading` holds the weights on the first rank only"
+    return None

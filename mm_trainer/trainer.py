@@ -24,7 +24,8 @@ from .audit.auditor import is_checkpoint_dir
 from .callbacks import MMTrainerCallback
 from .checkpoints import write_complete_marker
 from .config import MMSFTConfig
-from .engine import detect_engine
+from .dummy_media import DummyMedia
+from .engine import detect_engine, probe_blocker
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .model_class import meta_model
@@ -169,6 +170,9 @@ class MMSFTTrainer(SFTTrainer):
         self.modality_balance: ModalityBalance | None = ModalityBalance.for_trainer(self)
         if self.modality_balance is not None:
             self.audit_sections.update(self.modality_balance.audit_sections())
+        # Sharded engines (FSDP, ZeRO-3): media towers run on every micro-batch, on a zero-contribution dummy input
+        # where the micro-batch holds no such media, so that every rank's collectives match (None elsewhere).
+        self.dummy_media: DummyMedia | None = DummyMedia.for_trainer(self)
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
         self.add_callback(MMTrainerCallback(self))  # re-binds after `accelerator.prepare`; marks checkpoints complete
@@ -308,6 +312,17 @@ class MMSFTTrainer(SFTTrainer):
             return None  # resolve_targets reports a bad target spec with its own message
         if not candidates:
             return None
+        blocker = probe_blocker(model, detect_engine(args))
+        if blocker is not None:
+            logger.warning(
+                "Reachability probe skipped: %s. Targets follow the tower structure and the data's modalities: "
+                "adapters are kept on every tower the data reaches (%s), including modules such input may skip "
+                "(e.g. cross-attention layers on text-only data); the audit reports any that stay dead. To probe, "
+                "load the model without that option (the probe then runs before the engine shards the weights).",
+                blocker,
+                ", ".join(sorted(self.modality_profile.reached_towers())) or "language",
+            )
+            return None
         # A small spread sample is enough to find rows of every kind; it avoids decoding hundreds of images.
         pool = sample_rows(dataset, min(args.modality_sample_rows, 8 * args.target_probe_rows))
         rows = choose_probe_rows(pool, args.target_probe_rows)
@@ -368,12 +383,17 @@ class MMSFTTrainer(SFTTrainer):
             # Arms IMoD's gradient injection and the dominance-rate hooks for this micro-batch (disarmed after the
             # backward, in training_step). The loss itself is not changed.
             self.modality_balance.begin_micro_step(self, inputs)
+        if self.dummy_media is not None:
+            self.dummy_media.begin_micro_step(inputs)  # arms a dummy for each media tower this micro-batch lacks
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.dummy_media is not None and self.accelerator.sync_gradients:
+            # A tower that only dummies ran in this step gets None gradients (AdamW skips it, as under DDP).
+            self.dummy_media.end_step(self._sum_across_ranks)
         if self.modality_balance is not None:
             self.modality_balance.after_backward(self)
         if self.telemetry is not None and self.accelerator.sync_gradients:
@@ -390,6 +410,11 @@ class MMSFTTrainer(SFTTrainer):
         if self.modality_balance is not None and self.model.training and "loss" in logs:
             logs.update(self.modality_balance.log_metrics(self))
         super().log(logs, start_time)
+
+    def _sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.args.device), reduction="sum")
 
     def _sync_fired(self) -> None:
         """Make every rank agree on which adapters have fired (a rank may never have seen an image batch)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +34,14 @@ def _budget(plan: TargetPlan) -> str:
     return (
         f"LoRA r={plan.rank}" if method == "LoRA" else f"{method}; parameter columns estimated as LoRA r={plan.rank}"
     )
+
+
+def human_bytes(n: float) -> str:
+    """Compact size: 1536 -> 1.5 KiB, 7.5e9 -> 7.0 GiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def plan_table(plan: TargetPlan, title: str | None = None) -> Table:
@@ -88,3 +99,72 @@ def print_plan(plan: TargetPlan, out: Console | None = None, title: str | None =
     out.print(plan_summary(plan))
     for warning in plan.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+PEAK_DTYPES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
+"""Bytes per parameter of the load dtypes the peak-memory line reports."""
+
+
+@dataclass(frozen=True)
+class ParamMemory:
+    """Parameters a run holds at its peak, with and without the unreached towers.
+
+    Attributes:
+        total_params: Every parameter of the model (tied ones once).
+        released_params: Parameters of the towers a text-only run releases (:func:`~mm_trainer.release.releasable_roots`).
+        released_roots: Module paths of those towers.
+    """
+
+    total_params: int
+    released_params: int
+    released_roots: tuple[str, ...]
+
+    def peak_bytes(self) -> dict[str, dict[str, int]]:
+        """Per dtype: ``full`` (a model instance, or a load that keeps the towers) and ``path_load`` (a path or Hub id
+        given to ``MMSFTTrainer``, whose load never materializes the released towers)."""
+        return {
+            dtype: {"full": self.total_params * size, "path_load": (self.total_params - self.released_params) * size}
+            for dtype, size in PEAK_DTYPES.items()
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "total_params": self.total_params,
+            "released_params": self.released_params,
+            "released_roots": list(self.released_roots),
+            "peak_bytes": self.peak_bytes(),
+        }
+
+
+def param_memory(model: Any, plan: TargetPlan) -> ParamMemory:
+    """The :class:`ParamMemory` of ``model`` (real or on the meta device) under ``plan``."""
+    from .release import releasable_roots
+
+    roots = tuple(path for path, _ in releasable_roots(plan))
+    total = sum(p.numel() for p in model.parameters())
+    released = sum(p.numel() for root in roots for p in model.get_submodule(root).parameters())
+    return ParamMemory(total, released, roots)
+
+
+def print_param_memory(memory: ParamMemory, out: Console | None = None) -> None:
+    """One line with the expected peak parameter memory per dtype; when towers are released, the note (once) that a
+    model instance cannot avoid holding them, and the path-based fix."""
+    out = out or console()
+    peak = memory.peak_bytes()
+    if not memory.released_params:
+        cells = ", ".join(f"{dtype} {human_bytes(v['full'])}" for dtype, v in peak.items())
+        out.print(f"Peak parameter memory: {cells}.")
+        return
+    cells = ", ".join(
+        f"{dtype} {human_bytes(v['path_load'])} (instance: {human_bytes(v['full'])})" for dtype, v in peak.items()
+    )
+    out.print(
+        f"Peak parameter memory, model given as a path (unreached {', '.join(memory.released_roots)} never loaded, "
+        f"{human(memory.released_params)} params): {cells}."
+    )
+    out.print(
+        "note: a model instance passed to MMSFTTrainer was built in full, so its peak holds the unreached towers "
+        'even though they are released; pass the model\'s path or Hub id instead (`MMSFTTrainer(model="<path>", '
+        "...)`) to never load them."
+    )

@@ -185,3 +185,33 @@ def release_blocker(engine: Engine, model: nn.Module) -> ReleaseBlocker | None:
             refuse=False,
         )
     return None
+
+
+def release_unloaded_towers(model: nn.Module, roots: list[tuple[str, str]]) -> list[ReleaseRecord]:
+    """Release towers that were never loaded (their tensors left on the meta device at load, see
+    :mod:`mm_trainer.tower_loading`), ending in exactly the state :func:`release_towers` leaves a loaded tower in.
+
+    The records count the parameters and bytes the towers would have held (from the meta tensors' shapes and dtypes);
+    every meta tensor of the towers then becomes a 0-element tensor of its dtype on the device the rest of the model
+    is on (ties inside a tower kept).
+    """
+    records = release_towers(model, roots)
+    prefixes = tuple(path + "." for path, _ in roots)
+    device = next(
+        (p.device for n, p in model.named_parameters() if not p.is_meta and not n.startswith(prefixes)),
+        torch.device("cpu"),
+    )
+    for path, _ in roots:
+        stand_ins: dict[int, torch.Tensor] = {}
+        for module in model.get_submodule(path).modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    if id(p) not in stand_ins:
+                        stand_ins[id(p)] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), False)
+                    module._parameters[name] = stand_ins[id(p)]
+            for name, b in list(module._buffers.items()):
+                if b is not None and b.is_meta:
+                    if id(b) not in stand_ins:
+                        stand_ins[id(b)] = torch.empty(0, dtype=b.dtype, device=device)
+                    module._buffers[name] = stand_ins[id(b)]
+    return records

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, IterableDataset
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin, TrainingArguments, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
@@ -28,10 +29,18 @@ from .engine import detect_engine, probe_blocker
 from .imod import ModalityBalance, check_imod_data
 from .inputs import check_model_path
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, check_dataset_columns, profile_dataset, sample_rows
+from .model_class import meta_model
 from .plan_report import print_plan
 from .probe import ProbeResult, ProbeSettings, build_probe_batch, choose_probe_rows, probe_reachability
 from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
-from .release import ReleaseRecord, releasable_roots, release_blocker, release_towers
+from .release import (
+    ReleasedTowerError,
+    ReleaseRecord,
+    releasable_roots,
+    release_blocker,
+    release_towers,
+    release_unloaded_towers,
+)
 from .resume import (
     SETTINGS_KEY,
     STATE_FILE,
@@ -45,6 +54,7 @@ from .resume import (
 from .sharding import engine_name, gathered
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
+from .tower_loading import UnloadedTowers, load_without, plan_unloaded
 from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
 
 logger = logging.getLogger(__name__)
@@ -100,23 +110,34 @@ class MMSFTTrainer(SFTTrainer):
         check_dataset_columns(train_dataset, args.dataset_text_field, formatting_func)
         check_peft_config(args.quantization, peft_config, model)
 
-        model, processing_class = self._load_model_and_processor(model, args, quantization_config, processing_class)
+        # Known before any weight is read: the data's modalities decide which towers a path load can leave out.
+        self.modality_profile: ModalityProfile = self._profile(train_dataset, args)
+        self._release_at_load = peft_config is not None and self._release_safe(args, eval_dataset)
+        given_instance = not isinstance(model, str)
+        model, processing_class, unloaded = self._load_model_and_processor(
+            model, args, quantization_config, processing_class, self._release_at_load
+        )
         quantization_config = None  # consumed by the load above
 
-        self.tower_map: TowerMap = map_towers(model)
-        self.modality_profile: ModalityProfile = self._profile(train_dataset, args)
+        self.tower_map: TowerMap = map_towers(model)  # before the release below: it counts the towers' parameters
+        # Towers the load left on the meta device end exactly as released ones (records, empty tensors, refusal hooks).
+        self.released_towers: list[ReleaseRecord] = release_unloaded_towers(model, unloaded) if unloaded else []
         self._check_model_fits_data(model, processing_class)
         check_imod_data(args, self.modality_profile)
         self.target_plan: TargetPlan | None = None
-        self.released_towers: list[ReleaseRecord] = []
         if peft_config is not None and not _is_peft_model(model):
             self.target_plan = self._plan_targets(model, peft_config, train_dataset, processing_class, args)
             peft_config = self.target_plan.peft_config
             if args.ddp_find_unused_parameters is None:  # set on the trainer's copy of the user's config
                 # Every kept adapter gets a gradient on every batch only when no kept tower can be skipped by a batch.
                 args.ddp_find_unused_parameters = not self._every_batch_reaches_all_targets()
+            self._check_unloaded_towers(unloaded)
             if self._should_release(args, eval_dataset, model):
-                self.released_towers = release_towers(model, releasable_roots(self.target_plan))
+                done = {r.path for r in self.released_towers}
+                roots = [root for root in releasable_roots(self.target_plan) if root[0] not in done]
+                if roots and given_instance:
+                    _warn_peak_once(roots, model)
+                self.released_towers += release_towers(model, roots)
         # 4-bit base (in-place nf4 / LoftQ on the kept targets), k-bit training preparation; None when not quantized.
         self.quantized_base: QuantizedBase | None = QuantizedBase.prepare(
             model, args, self.target_plan, self.tower_map
@@ -173,10 +194,9 @@ class MMSFTTrainer(SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Set-up, before SFTTrainer.__init__
     # ----------------------------------------------------------------------------------------------------------------
-    @staticmethod
     def _load_model_and_processor(
-        model: Any, args: MMSFTConfig, quantization_config: Any, processing_class: Any
-    ) -> tuple[Any, Any]:
+        self, model: Any, args: MMSFTConfig, quantization_config: Any, processing_class: Any, release: bool = False
+    ) -> tuple[Any, Any, list[tuple[str, str]]]:
         """Load a model given by path / id, and its processor, before ``SFTTrainer.__init__``.
 
         ``SFTTrainer.__init__`` loads a path and wraps it with PEFT in one go (TRL 1.16 has no hook between the two),
@@ -185,9 +205,14 @@ class MMSFTTrainer(SFTTrainer):
         architecture defaults) and the arguments ``SFTTrainer`` would pass; mm-trainer adds only the 4-bit load
         arguments (:func:`~mm_trainer.quant.quantized_load_kwargs`). ``tests/test_trainer.py`` pins that the result
         equals the model ``SFTTrainer`` loads itself. ``args`` is the trainer's own copy (see :func:`_as_mm_config`).
+
+        With ``release`` (towers the data never reaches are to be released), the towers that would be released are
+        never materialized: they stay on the meta device (:mod:`mm_trainer.tower_loading`). Returns the model, the
+        processor and those towers' ``(path, tower)`` roots.
         """
         set_seed(args.seed)  # as SFTTrainer: adapter init and any missing weights depend on the seed
         revision = None
+        unloaded: list[tuple[str, str]] = []
         if isinstance(model, str):
             kwargs = dict(args.model_init_kwargs or {})
             if quantization_config is not None:
@@ -203,14 +228,47 @@ class MMSFTTrainer(SFTTrainer):
             revision = kwargs.get("revision")
             if args.quantization is not None:
                 kwargs = quantized_load_kwargs(model, kwargs, args)  # nf4 with full-precision towers (QLoRA)
-            model = create_model_from_path(model, **kwargs)
+            plan = self._unloaded_towers(model, kwargs, args) if release else None
+            if plan is not None:
+                model_id = model
+                model = load_without(create_model_from_path, model_id, kwargs, plan)
+                unloaded = plan.roots
+            else:
+                model = create_model_from_path(model, **kwargs)
             args.model_init_kwargs = None  # consumed (on the trainer's copy): SFTTrainer would warn they are ignored
         check_loaded_model(model, args.quantization)  # refuses other quantization methods
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(
                 model.config.name_or_path, revision=revision, trust_remote_code=args.trust_remote_code
             )
-        return model, processing_class
+        return model, processing_class, unloaded
+
+    def _unloaded_towers(self, model_id: str, kwargs: dict[str, Any], args: MMSFTConfig) -> UnloadedTowers | None:
+        """The towers a load of ``model_id`` can leave out: unreached by the data, not selected, under an engine the
+        release goes with (``None`` when there are none, or the load cannot place them apart)."""
+        engine = detect_engine(args)
+        if engine.fsdp_version == 1 or engine.zero_stage == 3:
+            return None  # FSDP1 refuses the release; ZeRO-3 may partition at load (both decided on the loaded model)
+        reached = set(self.modality_profile.reached_towers())
+        selected = set(args.target_towers) if isinstance(args.target_towers, (list, tuple)) else set()
+        trust = bool(kwargs.get("trust_remote_code"))
+        config = AutoConfig.from_pretrained(model_id, revision=kwargs.get("revision"), trust_remote_code=trust)
+        meta = meta_model(config, trust)
+        default_map = None if PartialState().device.type in ("cpu", "mps") else "auto"  # as create_model_from_path
+        plan, reason = plan_unloaded(meta, kwargs.get("device_map", default_map), reached, selected)
+        if reason is not None:
+            logger.warning("Unreached towers are loaded, then released (the peak memory holds them): %s.", reason)
+        return plan
+
+    def _check_unloaded_towers(self, unloaded: list[tuple[str, str]]) -> None:
+        """Every tower left out at load must be one the plan releases (the decision used the same facts)."""
+        releasable = {path for path, _ in releasable_roots(self.target_plan)}
+        wrong = [path for path, _ in unloaded if path not in releasable]
+        if wrong:
+            raise RuntimeError(
+                f"mm-trainer left {wrong} unloaded, but the target plan needs them. Set `free_unreached_towers=False` "
+                "(the full model is loaded) and report this with the model and the config."
+            )
 
     @staticmethod
     def _profile(dataset: Any, args: MMSFTConfig) -> ModalityProfile:
@@ -297,6 +355,8 @@ class MMSFTTrainer(SFTTrainer):
                 completion_only_loss=args.completion_only_loss,
             )
             return probe_reachability(model, batch, candidates, ProbeSettings.from_training_args(args))
+        except ReleasedTowerError:
+            raise  # a tower left out at load is needed by this data: its message says how to fix it
         except (KeyError, NotImplementedError, RuntimeError, TypeError, ValueError) as err:
             logger.warning("Reachability probe skipped (%s); targets follow the tower structure.", err)
             return None
@@ -337,8 +397,12 @@ class MMSFTTrainer(SFTTrainer):
                 raise ValueError(f"`free_unreached_towers=True` cannot be used here: {blocker.reason}")
             logger.warning("Unreached towers are kept (not released): %s", blocker.reason)
             return False
-        if args.free_unreached_towers is True:
-            return True
+        return self._release_at_load
+
+    def _release_safe(self, args: MMSFTConfig, eval_dataset: Any) -> bool:
+        """Whether the settings and the data (known before the model loads) let unreached towers be released."""
+        if args.free_unreached_towers is not None:
+            return bool(args.free_unreached_towers)
         # Unset: only when it is safe, i.e. text-only training *and* evaluation data.
         if not self.modality_profile.text_only or self.modality_profile.declared:
             return False
@@ -610,6 +674,24 @@ class MMSFTTrainer(SFTTrainer):
                 self.modality_balance.load_state_dict(state.get("modality_balance"), checkpoint)
             except (AttributeError, KeyError, TypeError) as err:
                 raise corrupt_state(checkpoint, f"{type(err).__name__} in `modality_balance`: {err}") from err
+
+
+_PEAK_WARNED = False
+
+
+def _warn_peak_once(roots: list[tuple[str, str]], model: Any) -> None:
+    """Say once per process that a model instance held its unreached towers at its peak, and how to avoid it."""
+    global _PEAK_WARNED
+    if _PEAK_WARNED:
+        return
+    _PEAK_WARNED = True
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or "<model path or Hub id>"
+    logger.warning(
+        "Released the unreached tower(s) %s after the model was built, so peak memory still held them. Pass the model "
+        "as a path or Hub id (`MMSFTTrainer(model=%r, ...)`) and mm-trainer never loads them.",
+        ", ".join(path for path, _ in roots),
+        name,
+    )
 
 
 def _is_peft_model(model: Any) -> bool:

@@ -74,6 +74,7 @@ def build_plan(args: argparse.Namespace) -> Any:
 
     from ..modality import ModalityProfile
     from ..model_class import meta_model
+    from ..plan_report import param_memory
     from ..targets import resolve_targets
 
     config = load_config(args.model, args.trust_remote_code)
@@ -81,6 +82,7 @@ def build_plan(args: argparse.Namespace) -> Any:
     profile = ModalityProfile.declare(m.strip() for m in args.modality.split(",") if m.strip())
     lora = LoraConfig(r=args.rank, target_modules=parse_target_modules(args.target_modules))
     plan = resolve_targets(model, lora, profile, target_towers=args.target_towers, dead_targets="drop")
+    args.param_memory = param_memory(model, plan)  # peak parameter memory with and without the released towers
     return plan, type(model).__name__
 
 
@@ -96,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
         return unusable("plan", f"{args.model}: its config cannot build a model ({describe(err)})")
     if args.json:
         out = {"model": args.model, "model_class": class_name, **plan.to_dict()}
+        out["param_memory"] = args.param_memory.to_dict()
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    from ..plan_report import console, print_plan
+    from ..plan_report import console, print_param_memory, print_plan
 
-    print_plan(plan, console(), title=f"{args.model} ({class_name}) - LoRA r={args.rank}, data: {args.modality}")
+    out = console()
+    print_plan(plan, out, title=f"{args.model} ({class_name}) - LoRA r={args.rank}, data: {args.modality}")
+    print_param_memory(args.param_memory, out)
     return 0

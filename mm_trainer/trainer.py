@@ -32,6 +32,7 @@ from .release import ReleaseRecord, releasable_roots, release_towers
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
 from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
+from .trl_errors import sft_init_error, with_hint
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +91,19 @@ class MMSFTTrainer(SFTTrainer):
         model, processing_class = self._load_model_and_processor(model, args, quantization_config, processing_class)
         quantization_config = None  # consumed by the load above
 
-        self.tower_map: TowerMap = map_towers(model)
-        self.modality_profile: ModalityProfile = self._profile(train_dataset, args)
-        self._check_model_fits_data(model, processing_class)
-        check_imod_data(args, self.modality_profile)
+        # TRL's own refusal of this input, if any (raised below with TRL's type and words, plus our hint).
+        trl_error = sft_init_error(model, args, train_dataset, processing_class, peft_config)
+        try:
+            self.tower_map: TowerMap = map_towers(model)
+            self.modality_profile: ModalityProfile = self._profile(train_dataset, args)
+            self._check_model_fits_data(model, processing_class)
+            check_imod_data(args, self.modality_profile)
+        except (TypeError, ValueError) as err:
+            if trl_error is None:
+                raise
+            raise with_hint(trl_error, err) from err
+        if trl_error is not None:
+            raise trl_error
         self.target_plan: TargetPlan | None = None
         self.released_towers: list[ReleaseRecord] = []
         if peft_config is not None and not _is_peft_model(model):
@@ -167,9 +177,9 @@ class MMSFTTrainer(SFTTrainer):
             kwargs = dict(args.model_init_kwargs or {})
             if quantization_config is not None:
                 if "quantization_config" in kwargs:
-                    raise ValueError(
+                    raise ValueError(  # TRL's words (SFTTrainer raises the same on this input)
                         "You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. "
-                        "Set it in one place only."
+                        "Please set it in only one place, preferably as a trainer argument."
                     )
                 kwargs["quantization_config"] = quantization_config
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):

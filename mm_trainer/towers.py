@@ -310,13 +310,6 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
             continue  # a nested composite (e.g. an Omni "thinker"): its own parts are found below
         roots[path] = (tower, f"{evidence}: config.{key}")
 
-    # 1b. Patch embeddings outside every tower: a linear layer that reads raw patches (in_features equal to
-    #     channels x patch x patch of a config that has a patch size) belongs to the vision tower (Fuyu).
-    patch_widths = _patch_widths(config, sub_configs)
-    for path, module in model.named_modules():
-        if path and not covered(path) and is_linear(module) and linear_shape(module)[0] in patch_widths:
-            roots[path] = ("vision", f"patch embedding: in_features {linear_shape(module)[0]} = channels x patch^2")
-
     # 2. Forward signature: takes pixels / audio features but no token ids.
     for path, module in model.named_modules():
         if not path or covered(path) or is_linear(module):
@@ -333,6 +326,27 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
         dec_path = _path_of(model, decoder)
         if dec_path and not covered(dec_path):
             roots[dec_path] = ("language", "get_decoder()")
+
+    # 3b. Patch embeddings outside every tower: a linear layer named for pixels / patches / vision that reads raw
+    #     patches (in_features equal to channels x patch x patch of a config with a patch size) is the vision tower
+    #     (Fuyu's ``vision_embed_tokens``).
+    patch_widths = _patch_widths(config, sub_configs)
+    # A width that is also a media tower's feature width says nothing (SigLIP: 3 x 16 x 16 = 768 = hidden_size).
+    feature_widths = {
+        getattr(sub, key)
+        for k, sub in sub_configs
+        if _modality_of_config_key(k, sub) != "language"
+        for key in ("hidden_size", "width", "embed_dim", "d_model")
+        if isinstance(getattr(sub, key, None), int)
+    }
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if not path or covered(path) or not is_linear(module) or not _has_word(leaf, _VISION_WORDS):
+            continue
+        if any(_has_word(part, _PROJECTOR_WORDS) for part in path.split(".")):
+            continue  # a projector (or inside one): it reads tower features, not patches
+        if linear_shape(module)[0] in patch_widths - feature_widths:
+            roots[path] = ("vision", f"patch embedding: in_features {linear_shape(module)[0]} = channels x patch^2")
 
     # 4. Names. Outside every root; and inside a language root that only an accessor found (``get_decoder()``
     #    returns the whole composite model on Phi-4-multimodal and GIT), for media / projector names only.

@@ -75,7 +75,9 @@ def _cap(config: PretrainedConfig, key: str, value: int) -> None:
         setattr(config, key, value)
 
 
-def shrink_config(config: PretrainedConfig, overrides: dict[str, Any] | None = None, _depth: int = 0) -> PretrainedConfig:
+def shrink_config(
+    config: PretrainedConfig, overrides: dict[str, Any] | None = None, _depth: int = 0
+) -> PretrainedConfig:
     """Shrink ``config`` in place (and its sub-configs, recursively) to a CPU-sized model; returns it.
 
     Args:
@@ -92,7 +94,9 @@ def shrink_config(config: PretrainedConfig, overrides: dict[str, Any] | None = N
         _cap(config, key, HEADS)
     for key in _KV_KEYS:
         _cap(config, key, KV_HEADS)
-    if "moe_intermediate_size" in vars(config) and any(k in vars(config) and vars(config)[k] is None for k in _EXPERT_KEYS):
+    if "moe_intermediate_size" in vars(config) and any(
+        k in vars(config) and vars(config)[k] is None for k in _EXPERT_KEYS
+    ):
         # MoE fields left unset by a default config whose layers are built with experts anyway: fill them in.
         config.moe_intermediate_size = INTERMEDIATE
         for key in _EXPERT_KEYS + _EXPERT_TOPK_KEYS:
@@ -105,9 +109,9 @@ def shrink_config(config: PretrainedConfig, overrides: dict[str, Any] | None = N
     if isinstance(_get(config, "head_dim"), int):
         config.head_dim = HEAD_DIM
     for key, value in list(vars(config).items()):
-        if isinstance(value, int) and not isinstance(value, bool) and key not in _HIDDEN_KEYS:
-            if any(w in key for w in _WIDTH_WORDS) and key != "num_channels" and "token" not in key:
-                _cap(config, key, HIDDEN)
+        sized = isinstance(value, int) and not isinstance(value, bool) and key not in _HIDDEN_KEYS
+        if sized and any(w in key for w in _WIDTH_WORDS) and key != "num_channels" and "token" not in key:
+            _cap(config, key, HIDDEN)
     _cut_per_layer_lists(config)
     _rescale_rope_sections(config)
     for key in list(getattr(config, "sub_configs", {}) or {}):

@@ -20,6 +20,7 @@ from .adapters import LoraAdapter, lora_adapters
 from .atomic import atomic_write_json
 from .audit import TrainingAuditor
 from .audit.auditor import is_checkpoint_dir
+from .batch_guard import BatchModalityGuard
 from .callbacks import MMTrainerCallback
 from .checkpoints import write_complete_marker
 from .config import MMSFTConfig
@@ -157,6 +158,11 @@ class MMSFTTrainer(SFTTrainer):
         self.modality_balance: ModalityBalance | None = ModalityBalance.for_trainer(self)
         if self.modality_balance is not None:
             self.audit_sections.update(self.modality_balance.audit_sections())
+        # Batches holding a modality the plan did not see raise at their step (see mm_trainer/batch_guard.py).
+        self.batch_guard: BatchModalityGuard | None = None
+        if self.target_plan is not None:
+            released = [r.path for r in self.released_towers]
+            self.batch_guard = BatchModalityGuard(self.modality_profile, getattr(model, "config", None), released)
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
         self.add_callback(MMTrainerCallback(self))  # re-binds after `accelerator.prepare`; marks checkpoints complete
@@ -297,6 +303,8 @@ class MMSFTTrainer(SFTTrainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        if self.batch_guard is not None:  # an unseen modality fails here, on every rank, not deep in the forward
+            self.batch_guard.check(inputs, self.state.global_step + 1, self.accelerator)
         if self.modality_balance is not None and self.model.training:
             # Arms IMoD's gradient injection and the dominance-rate hooks for this micro-batch (disarmed after the
             # backward, in training_step). The loss itself is not changed.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -79,3 +81,13 @@ def test_text_batches_pass_the_guard(tmp_path):
     assert trainer.batch_guard is not None
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+@pytest.mark.slow
+def test_every_rank_raises_when_one_rank_sees_the_modality(tmp_path):
+    from tests.test_ddp import ROOT, launch_two_processes
+
+    launch_two_processes(ROOT / "tests" / "scripts" / "ddp_batch_guard.py", str(tmp_path), timeout=300)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["raised"].startswith("Step 2: the batch holds image (batch row(s) [1])")
+    assert results[1]["raised"].startswith("Step 2: the batch holds image (in another process's batch)")

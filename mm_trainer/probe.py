@@ -1,19 +1,28 @@
-"""Reachability probe: one forward + backward of a real batch tells which modules the data reaches.
+"""Reachability probe: one training step's forward + backward tells which modules a LoRA adapter would train on.
 
-A module is *reached* when it runs on the batch (fires) and the loss has a non-zero gradient with respect to its
-output. That is exactly the condition for a LoRA adapter on it to ever get a non-zero gradient on ``lora_B``. It
-catches what structure cannot: a vision tower fed a dummy image whose features are multiplied by zero, or
-cross-attention layers of a language model that text-only input skips.
+A module is *reached* when it runs on the batch (fires) and a LoRA adapter on it would get a non-zero gradient. For a
+linear map that needs both a non-zero gradient of the loss with respect to its output *and* a non-zero input: the
+gradient of ``lora_B`` is ``sum_t g_t (A x_t)^T``, zero when every ``x_t`` is zero (Gemma 3n's per-layer input gate,
+fed through a zero-initialised scale) however large ``g_t`` is. The probe catches what structure cannot: a vision
+tower fed a dummy image whose features are multiplied by zero, cross-attention layers that text-only input skips, or
+a module whose forward only runs in eval mode (Gemma 3n's ``altup.correction_coefs``: in training mode the model
+reads its clamped weight with ``F.linear`` and never calls the module).
 
-The probe adds a zero bias leaf to each candidate module's output and asks autograd for the gradient of the loss
-with respect to those leaves only: no parameter gradient is stored and the weights are not touched.
+To mean "reached in training", the probe runs the model as the trainer will: in training mode (dropout on), under the
+same activation checkpointing and mixed-precision autocast as the ``TrainingArguments``, on the batch TRL's collator
+builds. It attaches a rank-1 stand-in of a LoRA adapter to each watched module (``out + (x . a) b`` with a fixed
+random ``a`` and a zero leaf ``b``), so the output is unchanged and ``b``'s gradient is exactly the one ``lora_B``
+would get. No parameter gains a ``.grad``; mode, RNG state, buffers, ``requires_grad`` flags and the checkpointing
+setup are restored afterwards, so training starts exactly as it would without the probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,20 +41,25 @@ class ProbeResult:
     Attributes:
         candidates: Module paths that were watched.
         fired: Paths whose forward ran on the batch.
-        nonzero_grad: Paths whose output got a non-zero loss gradient.
+        nonzero_grad: Paths whose LoRA stand-in got a non-zero gradient.
+        zero_input: Paths that fired but whose input was exactly zero on every call (so no adapter on them can
+            learn, whatever the gradient at their output).
         batch_modalities: Non-text modalities the probe batch carried.
         loss: The probe loss.
         rows: Number of rows in the probe batch.
         tokens: Number of non-padding tokens in the probe batch.
+        settings: How the probe ran (mode, checkpointing, autocast), JSON-ready.
     """
 
     candidates: list[str]
     fired: set[str] = field(default_factory=set)
     nonzero_grad: set[str] = field(default_factory=set)
+    zero_input: set[str] = field(default_factory=set)
     batch_modalities: set[str] = field(default_factory=set)
     loss: float = float("nan")
     rows: int = 0
     tokens: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def status(self, name: str) -> str:
         """``"reached"``, ``"never_fired"`` or ``"zero_grad"`` for a watched module."""
@@ -54,6 +68,20 @@ class ProbeResult:
         if name not in self.nonzero_grad:
             return "zero_grad"
         return "reached"
+
+    def reason(self, name: str) -> str:
+        """Why a watched module is (not) reached, in words, for the plan table."""
+        status = self.status(name)
+        mode = "training-mode " if self.settings.get("training", True) else ""
+        if status == "never_fired":
+            return f"probe: never fired in a {mode}step on a batch of the data"
+        if status == "zero_grad":
+            if name in self.zero_input:
+                return (
+                    f"probe: zero grad in a {mode}step (its input is all zeros, e.g. behind a zero-initialised scale)"
+                )
+            return f"probe: zero grad in a {mode}step on a batch of the data"
+        return "reached: probe saw a non-zero gradient"
 
     def unreached(self) -> list[str]:
         """Watched modules that did not fire or got only a zero gradient, in watch order."""
@@ -66,80 +94,179 @@ class ProbeResult:
             "reached": len(self.nonzero_grad & set(self.candidates)),
             "never_fired": [n for n in self.candidates if n not in self.fired],
             "zero_grad": [n for n in self.candidates if n in self.fired and n not in self.nonzero_grad],
+            "zero_input": [n for n in self.candidates if n in self.zero_input and n not in self.nonzero_grad],
             "batch_modalities": sorted(self.batch_modalities),
             "loss": self.loss,
             "rows": self.rows,
             "tokens": self.tokens,
+            "settings": dict(self.settings),
         }
 
 
-def _output_tensor(output: Any) -> torch.Tensor | None:
-    if torch.is_tensor(output):
-        return output
-    return None
+@dataclass
+class ProbeSettings:
+    """How the probe runs the model; :meth:`from_training_args` mirrors what the trainer will do.
+
+    Attributes:
+        training: Run the forward in training mode (dropout and every training-only branch on).
+        activation_checkpointing: Enable the model's activation (gradient) checkpointing for the probe, as the
+            trainer will (only on models that support it and do not have it on already).
+        activation_checkpointing_kwargs: The trainer's ``activation_checkpointing_kwargs``.
+        autocast_dtype: Mixed-precision autocast dtype (``torch.bfloat16`` for ``bf16=True``, ``torch.float16`` for
+            ``fp16=True``), or ``None`` for none.
+    """
+
+    training: bool = True
+    activation_checkpointing: bool = False
+    activation_checkpointing_kwargs: dict[str, Any] | None = None
+    autocast_dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_training_args(cls, args: Any) -> ProbeSettings:
+        """The settings a ``TrainingArguments`` / ``SFTConfig`` trains with."""
+        checkpointing = getattr(args, "activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(args, "gradient_checkpointing", False)
+        kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+        if kwargs is None:
+            kwargs = getattr(args, "gradient_checkpointing_kwargs", None)
+        dtype = (
+            torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+        )
+        return cls(
+            training=True,
+            activation_checkpointing=bool(checkpointing),
+            activation_checkpointing_kwargs=dict(kwargs) if kwargs else None,
+            autocast_dtype=dtype,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "training": self.training,
+            "activation_checkpointing": self.activation_checkpointing,
+            "autocast_dtype": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
+        }
 
 
-def probe_reachability(model: nn.Module, batch: Mapping[str, Any], module_names: Iterable[str]) -> ProbeResult:
-    """Run one forward + backward of ``batch`` and report which of ``module_names`` the loss reaches.
+class _LoraStandIn:
+    """A rank-1 LoRA stand-in on one module: adds ``(x . a) * b`` to its output, ``a`` fixed random, ``b`` a zero leaf.
 
-    The model is put in eval mode (no dropout) for the probe and restored afterwards; parameters keep their values
-    and gain no ``.grad``.
+    ``b.grad`` is then ``sum_t g_t (x_t . a)``, what ``lora_B`` of a LoRA adapter with ``lora_A = a`` gets: non-zero
+    exactly when the module's weight gradient ``sum_t g_t x_t^T`` is (for all but a measure-zero set of ``a``). The
+    same ``b`` serves every call of the module (shared modules, activation checkpointing's recomputation), as the
+    adapter's parameters do. Modules that are neither linear-like nor embeddings get an output bias leaf instead
+    (gradient at the output only).
+    """
+
+    def __init__(self, module: nn.Module, generator: torch.Generator) -> None:
+        self.module = module
+        self.generator = generator
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self.fired = False
+        self.nonzero_input = False
+
+    def _projection(self, x: Any) -> torch.Tensor | None:
+        """``x . a`` per position, or ``None`` when the module is not linear-like / an embedding."""
+        if not torch.is_tensor(x):
+            return None
+        module = self.module
+        if isinstance(module, nn.Embedding) and not x.is_floating_point():
+            if self.a is None:
+                self.a = torch.randn(module.num_embeddings, generator=self.generator).to(module.weight.device)
+            self.nonzero_input = True  # a looked-up row is an input the adapter can learn from
+            return self.a[x]
+        if not x.is_floating_point() or x.dim() == 0 or isinstance(module, nn.modules.conv._ConvNd):
+            return None
+        if self.a is None:
+            self.a = torch.randn(x.shape[-1], generator=self.generator).to(x.device)
+        if not self.nonzero_input and bool(torch.any(x != 0)):
+            self.nonzero_input = True
+        return torch.matmul(x, self.a.to(x.dtype))
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        self.fired = True
+        if not torch.is_tensor(output) or not output.is_floating_point() or not torch.is_grad_enabled():
+            return None
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        proj = self._projection(x)
+        if self.b is None:
+            self.b = torch.zeros(output.shape[-1], dtype=torch.float32, device=output.device, requires_grad=True)
+        if proj is None:  # not linear-like: a bias leaf tells whether the output gets a gradient
+            self.nonzero_input = True
+            return output + self.b.to(output.dtype)
+        if proj.shape != output.shape[:-1]:
+            self.nonzero_input = True
+            return output + self.b.to(output.dtype)
+        return output + (proj.unsqueeze(-1) * self.b).to(output.dtype)
+
+    def reached(self) -> bool:
+        return self.b is not None and self.b.grad is not None and bool(torch.any(self.b.grad != 0))
+
+
+def probe_reachability(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    module_names: Iterable[str],
+    settings: ProbeSettings | None = None,
+) -> ProbeResult:
+    """Run one training step's forward + backward of ``batch`` and report which of ``module_names`` it reaches.
+
+    The model runs as ``settings`` say (default: training mode, no checkpointing, no autocast; use
+    :meth:`ProbeSettings.from_training_args` to mirror a trainer). Afterwards every module's mode, the RNG state, all
+    buffers, the parameters' ``requires_grad`` flags and the checkpointing setup are as before; parameters keep their
+    values and gain no ``.grad``. (A model that changes its own weights in place during a training forward, as Gemma
+    3n clamps its AltUp prediction coefficients, does so here as it would on its first training step.)
 
     Args:
         model: The base model (not yet PEFT-wrapped).
         batch: A collated batch with ``input_ids`` and ``labels`` (or from which a loss can be formed).
         module_names: Paths of the modules to watch (usually the LoRA target candidates).
+        settings: How to run the model.
 
     Returns:
         The :class:`ProbeResult`.
     """
+    settings = settings if settings is not None else ProbeSettings()
     names = list(dict.fromkeys(module_names))
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
         raise KeyError(f"Probe asked to watch modules the model does not have: {missing[:5]}")
-    result = ProbeResult(candidates=names)
-    leaves: dict[str, list[torch.Tensor]] = {}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            result.fired.add(name)
-            out = _output_tensor(output)
-            if out is None or not out.is_floating_point():
-                return None
-            leaf = torch.zeros(out.shape[-1], dtype=out.dtype, device=out.device, requires_grad=True)
-            leaves.setdefault(name, []).append(leaf)
-            return out + leaf
-
-        return hook
-
-    for name in names:
-        handles.append(modules[name].register_forward_hook(make_hook(name)))
-    requires = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
+    result = ProbeResult(candidates=names, settings=settings.to_dict())
+    generator = torch.Generator().manual_seed(0)  # the stand-ins' `a`: no draw from the global RNG
+    stand_ins = {name: _LoraStandIn(modules[name], generator) for name in names}
+    device = _model_device(model)
+    batch = _to_device(batch, device)
+    inputs = dict(batch)
+    if "use_cache" not in inputs and _accepts(model, "use_cache"):
+        inputs["use_cache"] = False  # as TRL's compute_loss
+    handles = [modules[n].register_forward_hook(s.hook, with_kwargs=True) for n, s in stand_ins.items()]
     try:
-        for p in requires:
-            p.requires_grad_(False)
-        model.eval()
-        batch = _to_device(batch, _model_device(model))
-        with torch.enable_grad():
-            outputs = model(**batch)
-            loss = _loss_from(outputs, batch)
-            flat = [leaf for name in names for leaf in leaves.get(name, [])]
-            owners = [name for name in names for _ in leaves.get(name, [])]
-            if flat and loss.requires_grad:
-                grads = torch.autograd.grad(loss, flat, allow_unused=True)
-                for owner, grad in zip(owners, grads):
-                    if grad is not None and bool(torch.any(grad != 0)):
-                        result.nonzero_grad.add(owner)
-        result.loss = float(loss.detach().float())
+        with _as_in_training(model, settings, device):
+            autocast = (
+                torch.autocast(device_type=device.type, dtype=settings.autocast_dtype)
+                if settings.autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with torch.enable_grad():
+                with autocast:
+                    outputs = model(**inputs)
+                    loss = _loss_from(outputs, batch)
+                if loss.requires_grad:
+                    loss.backward()
+            result.loss = float(loss.detach().float())
     finally:
         for h in handles:
             h.remove()
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    for name, s in stand_ins.items():
+        if s.fired:
+            result.fired.add(name)
+            if not s.nonzero_input:
+                result.zero_input.add(name)
+        if s.reached():
+            result.nonzero_grad.add(name)
     input_ids = batch.get("input_ids")
     if input_ids is not None:
         result.rows = int(input_ids.shape[0])
@@ -147,6 +274,107 @@ def probe_reachability(model: nn.Module, batch: Mapping[str, Any], module_names:
         result.tokens = int(mask.sum()) if mask is not None else int(input_ids.numel())
     result.batch_modalities = batch_modalities(batch)
     return result
+
+
+@contextlib.contextmanager
+def _as_in_training(model: nn.Module, settings: ProbeSettings, device: torch.device) -> Iterator[None]:
+    """Put ``model`` in the state training runs it in; restore modes, RNG, buffers, flags and checkpointing after."""
+    modes = {m: m.training for m in model.modules()}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    buffers = {b: b.detach().clone() for b in model.buffers() if b.device.type != "meta"}
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    checkpointing = _CheckpointingSwitch(model, settings)
+    with torch.random.fork_rng(devices=rng_devices):
+        try:
+            for p in requires:
+                p.requires_grad_(False)
+            model.train(settings.training)
+            checkpointing.enable()
+            yield
+        finally:
+            checkpointing.restore()
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
+            for m, mode in modes.items():
+                m.training = mode
+            with torch.no_grad():
+                for b, saved in buffers.items():
+                    b.copy_(saved)
+
+
+class _CheckpointingSwitch:
+    """Turns a model's activation checkpointing on for the probe as the trainer will, and back off after.
+
+    transformers >= 5.2x names it ``activation_checkpointing_enable``; earlier 5.x ``gradient_checkpointing_enable``.
+    Enabling also hooks the input embeddings so their output requires grad; the hooks the probe adds are removed.
+    """
+
+    _HOOK_ATTRS = ("_require_grads_hooks", "_require_grads_hook")
+
+    def __init__(self, model: nn.Module, settings: ProbeSettings) -> None:
+        self.model = model
+        self.new_api = hasattr(model, "activation_checkpointing_enable")
+        state_attr = "is_activation_checkpointing" if self.new_api else "is_gradient_checkpointing"
+        self.wanted = (
+            settings.activation_checkpointing
+            and (self.new_api or hasattr(model, "gradient_checkpointing_enable"))
+            and getattr(model, "supports_gradient_checkpointing", False)
+            and not getattr(model, state_attr, False)
+        )
+        self.kwargs = dict(settings.activation_checkpointing_kwargs or {})
+        self.hooks_before = {attr: getattr(model, attr, None) for attr in self._HOOK_ATTRS}
+        self.enabled = False
+
+    def enable(self) -> None:
+        if not self.wanted:
+            return
+        kwargs = dict(self.kwargs)
+        if self.new_api:
+            every_n_layers = kwargs.pop("every_n_layers", 1)
+            offload = kwargs.pop("offload", False)
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+            )
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        self.enabled = True
+
+    def restore(self) -> None:
+        if not self.enabled:
+            return
+        if self.new_api:
+            self.model.activation_checkpointing_disable()
+        else:
+            self.model.gradient_checkpointing_disable()
+        before = {id(h) for h in _handles(self.hooks_before)}
+        now = {attr: getattr(self.model, attr, None) for attr in self._HOOK_ATTRS}
+        for handle in _handles(now):
+            if id(handle) not in before:
+                handle.remove()
+        for attr, value in self.hooks_before.items():
+            if value is None:
+                if hasattr(self.model, attr):
+                    delattr(self.model, attr)
+            else:
+                setattr(self.model, attr, value)
+        self.enabled = False
+
+
+def _handles(hooks: Mapping[str, Any]) -> list[Any]:
+    out = []
+    for value in hooks.values():
+        for handle in value if isinstance(value, list) else [value] if value is not None else []:
+            if all(handle is not h for h in out):
+                out.append(handle)
+    return out
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
 
 
 def _loss_from(outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -212,18 +440,26 @@ def build_probe_batch(
     *,
     dataset_text_field: str = "text",
     max_length: int | None = 512,
+    padding_free: bool = False,
+    pad_to_multiple_of: int | None = None,
+    completion_only_loss: bool | None = None,
 ) -> dict[str, Any]:
     """Collate raw dataset rows into a model batch, the way TRL will at training time.
 
     Rows with images go through TRL's ``DataCollatorForVisionLanguageModeling``; rows with audio through the
     processor's ``audio=`` argument; text rows are tokenized (``input_ids``, chat ``messages``, ``prompt`` /
-    ``completion`` or a text field).
+    ``completion`` or a text field, with the EOS TRL appends to plain text) and go through TRL's
+    ``DataCollatorForLanguageModeling``, with the trainer's padding settings.
 
     Args:
         rows: Raw rows of the training dataset.
         processing_class: The tokenizer or processor given to the trainer.
         dataset_text_field: Column holding plain text.
         max_length: Truncate each sequence to this many tokens (``None``: no truncation).
+        padding_free: The trainer's padding-free mode (one flattened sequence, no attention mask).
+        pad_to_multiple_of: The trainer's ``pad_to_multiple_of``.
+        completion_only_loss: Loss on the completion only for prompt-completion rows (``None``: as TRL, on when
+            the rows have ``prompt`` and ``completion``).
 
     Returns:
         A batch with ``input_ids``, ``attention_mask``, ``labels`` and media features where present.
@@ -234,30 +470,47 @@ def build_probe_batch(
     if "audio" in kinds:
         return _audio_batch(rows, processing_class, max_length)
     if "image" in kinds:
-        return _vision_batch(rows, processing_class, dataset_text_field, max_length)
+        return _vision_batch(
+            rows, processing_class, dataset_text_field, max_length, pad_to_multiple_of, completion_only_loss
+        )
     if "video" in kinds:
         raise NotImplementedError("Probing video rows is not supported yet; set `target_probe=False`.")
-    return _text_batch(rows, processing_class, dataset_text_field, max_length)
+    return _text_batch(
+        rows, processing_class, dataset_text_field, max_length, padding_free, pad_to_multiple_of, completion_only_loss
+    )
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", processing_class)
 
 
-def _text_batch(rows, processing_class, text_field: str, max_length: int | None) -> dict[str, Any]:
+def _text_batch(
+    rows,
+    processing_class,
+    text_field: str,
+    max_length: int | None,
+    padding_free: bool,
+    pad_to_multiple_of: int | None,
+    completion_only_loss: bool | None,
+) -> dict[str, Any]:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     tokenizer = _tokenizer_of(processing_class)
-    sequences = [_row_ids(row, tokenizer, text_field) for row in rows]
-    if max_length is not None:
-        sequences = [s[:max_length] for s in sequences]
+    examples = []
+    for row in rows:
+        ids, prompt_len = _row_ids(row, tokenizer, text_field)
+        if max_length is not None:
+            ids = ids[:max_length]
+        labels = list(ids)
+        only_completion = completion_only_loss if completion_only_loss is not None else prompt_len > 0
+        if only_completion and prompt_len:
+            labels[:prompt_len] = [-100] * min(prompt_len, len(labels))
+        examples.append({"input_ids": ids, "labels": labels})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[i, : len(seq)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    collator = DataCollatorForLanguageModeling(
+        pad_token_id=pad_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
+    )
+    return dict(collator(examples))
 
 
 def _as_ids(encoded: Any) -> list[int]:
@@ -270,18 +523,27 @@ def _as_ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-def _row_ids(row: Mapping[str, Any], tokenizer: Any, text_field: str) -> list[int]:
+def _row_ids(row: Mapping[str, Any], tokenizer: Any, text_field: str) -> tuple[list[int], int]:
+    """Token ids of a row as TRL tokenizes it, and the length of its prompt (0 when it has none)."""
     if "input_ids" in row:
-        return list(row["input_ids"])
+        return list(row["input_ids"]), 0
     if "messages" in row:
-        return _as_ids(tokenizer.apply_chat_template(_text_only(row["messages"]), tokenize=True))
+        return _as_ids(tokenizer.apply_chat_template(_text_only(row["messages"]), tokenize=True)), 0
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list):
-            return _as_ids(tokenizer.apply_chat_template(_text_only(prompt + completion), tokenize=True))
-        return _as_ids(tokenizer(prompt + completion, add_special_tokens=False))
+            prompt_ids = _as_ids(
+                tokenizer.apply_chat_template(_text_only(prompt), tokenize=True, add_generation_prompt=True)
+            )
+            ids = _as_ids(tokenizer.apply_chat_template(_text_only(prompt + completion), tokenize=True))
+            return ids, len(prompt_ids)
+        eos = tokenizer.eos_token or ""
+        completion = completion if completion.endswith(eos) else completion + eos
+        prompt_ids = _as_ids(tokenizer(prompt, add_special_tokens=False))
+        return prompt_ids + _as_ids(tokenizer(completion, add_special_tokens=False)), len(prompt_ids)
     if text_field in row:
-        return _as_ids(tokenizer(row[text_field]))
+        text, eos = row[text_field], tokenizer.eos_token or ""
+        return _as_ids(tokenizer(text if text.endswith(eos) else text + eos)), 0
     raise KeyError(
         f"Cannot build a probe batch from a row with keys {sorted(row)}: expected 'input_ids', 'messages', "
         f"'prompt'+'completion' or '{text_field}'. Set `dataset_text_field`, or `target_probe=False` to map by "
@@ -300,7 +562,14 @@ def _text_only(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _vision_batch(rows, processor: Any, text_field: str, max_length: int | None) -> dict[str, Any]:
+def _vision_batch(
+    rows,
+    processor: Any,
+    text_field: str,
+    max_length: int | None,
+    pad_to_multiple_of: int | None,
+    completion_only_loss: bool | None,
+) -> dict[str, Any]:
     from transformers import ProcessorMixin
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
@@ -318,8 +587,14 @@ def _vision_batch(rows, processor: Any, text_field: str, max_length: int | None)
         example.setdefault("images", [])
         example["images"] = [im for im in example["images"] if im is not None]
         examples.append(example)
+    if completion_only_loss is None:
+        completion_only_loss = all("prompt" in e and "completion" in e for e in examples)
     collator = DataCollatorForVisionLanguageModeling(
-        processor=processor, max_length=max_length, dataset_text_field=text_field
+        processor=processor,
+        max_length=max_length,
+        dataset_text_field=text_field,
+        pad_to_multiple_of=pad_to_multiple_of,
+        completion_only_loss=completion_only_loss,
     )
     return dict(collator(examples))
 

@@ -364,8 +364,7 @@ def resolve_targets(
                 decisions.append(decision)
             continue
         if probe is not None and name in probe.candidates and probe.status(name) != "reached":
-            status = probe.status(name)
-            reason = f"probe: {status.replace('_', ' ')} on a batch of the data"
+            reason = probe.reason(name)
             decision = TargetDecision(name, tower, True, reason, cost, dead=True)
             if forced:
                 decision.reason = f"forced by target_towers; {reason}"

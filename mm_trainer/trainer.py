@@ -27,7 +27,7 @@ from .config import MMSFTConfig
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .plan_report import print_plan
-from .probe import ProbeResult, build_probe_batch, choose_probe_rows, probe_reachability
+from .probe import ProbeResult, ProbeSettings, build_probe_batch, choose_probe_rows, probe_reachability
 from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
 from .release import ReleaseRecord, releasable_roots, release_towers
 from .targets import TargetPlan, matched_modules, resolve_targets
@@ -263,10 +263,20 @@ class MMSFTTrainer(SFTTrainer):
         pool = sample_rows(dataset, min(args.modality_sample_rows, 8 * args.target_probe_rows))
         rows = choose_probe_rows(pool, args.target_probe_rows)
         try:
+            # The batch TRL's collator builds and the model run as training runs it (train mode, checkpointing,
+            # autocast), so that "reached" means an adapter there trains.
             batch = build_probe_batch(
-                rows, processing_class, dataset_text_field=args.dataset_text_field, max_length=args.max_length
+                rows,
+                processing_class,
+                dataset_text_field=args.dataset_text_field,
+                max_length=args.max_length,
+                padding_free=bool(
+                    args.padding_free or (args.packing and args.packing_strategy in {"bfd", "bfd_split"})
+                ),
+                pad_to_multiple_of=args.pad_to_multiple_of,
+                completion_only_loss=args.completion_only_loss,
             )
-            return probe_reachability(model, batch, candidates)
+            return probe_reachability(model, batch, candidates, ProbeSettings.from_training_args(args))
         except (KeyError, NotImplementedError, RuntimeError, TypeError, ValueError) as err:
             logger.warning("Reachability probe skipped (%s); targets follow the tower structure.", err)
             return None

@@ -10,6 +10,9 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoModelForMultimodalLM,
     Gemma3Config,
+    Gemma3nConfig,
+    Gemma3nForConditionalGeneration,
+    Gemma3nVisionConfig,
     LlavaConfig,
     MllamaConfig,
     PretrainedConfig,
@@ -374,4 +377,116 @@ def tiny_model(family: str, seed: int = 0, open_connections: bool = True) -> Pre
     model = auto_model_class(family).from_config(config, dtype=torch.float32)
     if open_connections:
         _open_connections(model, family)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gemma 3n (text, audio and a stand-in vision tower)
+# --------------------------------------------------------------------------------------------------------------------
+
+GEMMA3N_LAYERS = 4
+GEMMA3N_KV_SHARED_LAYERS = 2
+"""The last two of the four decoder layers reuse the keys/values of earlier layers (their k/v projections never run)."""
+
+GEMMA3N_MM_VOCAB = 8
+"""Hard-token vocabulary of each of Gemma 3n's vision and audio embedders."""
+
+
+class Gemma3nVisionStandIn(PreTrainedModel):
+    """A pure-torch stand-in for Gemma 3n's MobileNetV5 vision tower, which transformers builds through timm.
+
+    timm depends on torchvision, which is not installable beside the CPU torch wheel of these machines. Registered for
+    ``Gemma3nVisionConfig`` by :func:`tiny_gemma3n` (``AutoModel.register``), it returns what ``Gemma3nModel`` reads
+    from the tower: ``last_hidden_state`` of shape ``(batch, hidden_size, h, w)``. Text-only data never calls it.
+    """
+
+    config_class = Gemma3nVisionConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        patch = 14
+        self.patch_embed = torch.nn.Conv2d(3, config.hidden_size, kernel_size=patch, stride=patch)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(config.hidden_size, 2 * config.hidden_size),
+            torch.nn.GELU(),
+            torch.nn.Linear(2 * config.hidden_size, config.hidden_size),
+        )
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, do_pooling: bool = False, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (batch, patches, hidden)
+        features = features + self.mlp(features)
+        side = int(features.shape[1] ** 0.5)
+        hidden = features.transpose(1, 2).reshape(features.shape[0], -1, side, side)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden)
+
+
+def tiny_gemma3n_config() -> PretrainedConfig:
+    """A tiny ``Gemma3nConfig`` with every Gemma 3n text-tower feature (AltUp, LAuReL, per-layer inputs, KV sharing,
+    activation sparsity) on the ``causal_lm`` kit tokenizer; hard vision/audio token ids sit just past its vocabulary,
+    as in the real model."""
+    ids = _token_ids("causal_lm")
+    text_vocab = ids["vocab_size"]
+    vision_offset, audio_offset = text_vocab, text_vocab + GEMMA3N_MM_VOCAB
+    config = Gemma3nConfig(
+        text_config={
+            **_text(ids, num_hidden_layers=GEMMA3N_LAYERS, head_dim=HEAD_DIM),
+            "vocab_size": audio_offset + GEMMA3N_MM_VOCAB,
+            "vocab_size_per_layer_input": text_vocab,
+            "hidden_size_per_layer_input": 16,
+            "laurel_rank": 8,
+            "altup_num_inputs": 4,
+            "num_kv_shared_layers": GEMMA3N_KV_SHARED_LAYERS,
+            "sliding_window": 64,
+            "layer_types": ["sliding_attention", "full_attention"] * (GEMMA3N_LAYERS // 2),
+            "activation_sparsity_pattern": [0.95, 0.0] + [0.0] * (GEMMA3N_LAYERS - 2),
+        },
+        vision_config={
+            "hidden_size": VISION_HIDDEN,
+            "vocab_size": GEMMA3N_MM_VOCAB,
+            "vocab_offset": vision_offset,
+            "architecture": "tiny-stand-in",
+            "model_args": {},
+        },
+        audio_config={
+            "vocab_size": GEMMA3N_MM_VOCAB,
+            "vocab_offset": audio_offset,
+            "input_feat_size": 16,
+            "hidden_size": VISION_HIDDEN,
+            "conf_num_attention_heads": VISION_HEADS,
+            "conf_num_hidden_layers": 1,
+            "sscp_conv_channel_size": [8, 4],
+            "conf_attention_chunk_size": 4,
+            "conf_attention_context_left": 5,
+        },
+        vision_soft_tokens_per_image=4,
+        audio_soft_tokens_per_image=4,
+        boi_token_id=vision_offset,
+        image_token_id=vision_offset + 1,
+        eoi_token_id=vision_offset + 2,
+        boa_token_id=audio_offset,
+        audio_token_id=audio_offset + 1,
+        eoa_token_id=audio_offset + 2,
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["Gemma3nForConditionalGeneration"]
+    return config
+
+
+def tiny_gemma3n(seed: int = 0) -> PreTrainedModel:
+    """A tiny randomly initialised ``Gemma3nForConditionalGeneration`` (float32, eval mode), transformers' own text and
+    audio towers and :class:`Gemma3nVisionStandIn` for the timm vision tower. Use with ``make_tokenizer("causal_lm")``.
+
+    Its weights are transformers' initialisation, including the zero ``altup.correct_output_scale`` that makes the
+    input of every layer's ``per_layer_input_gate`` (and so of ``per_layer_projection``) exactly zero until trained.
+    """
+    from transformers import AutoModel
+
+    AutoModel.register(Gemma3nVisionConfig, Gemma3nVisionStandIn, exist_ok=True)
+    config = tiny_gemma3n_config()
+    torch.manual_seed(seed)
+    model = Gemma3nForConditionalGeneration._from_config(config, dtype=torch.float32)
     return model.eval()

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .engine import is_zero3_partitioned
 from .metrics import load_metric
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def weights_for_generation(model: Any) -> Iterator[None]:
+    """Make ``model``'s weights usable by ``generate`` for the duration of the block.
+
+    Under DeepSpeed ZeRO-3 a model partitioned at load (``zero3_init_flag``) holds empty local weights until the
+    engine wraps it; then the engine's hooks gather each module's weights in its forward. Before that, this gathers
+    every weight on every rank (``deepspeed.zero.GatheredParameters``, read-only) and partitions them again after the
+    block: the whole model must fit on each device for that time. Every rank must enter the block (a collective), and
+    ``generate`` then runs with ``synced_gpus`` (transformers' default under ZeRO-3). Elsewhere it does nothing.
+    """
+    if not is_zero3_partitioned(model) or hasattr(model, "ds_id"):  # not partitioned, or the engine's hooks gather
+        yield
+        return
+    import deepspeed
+
+    params = list(model.parameters())
+    logger.info(
+        "ZeRO-3: gathering %s parameters on every rank for generation.",
+        f"{sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for p in params):,}",
+    )
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def _prompt_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,30 +85,31 @@ def generate_answers(
     answers: list[str] = []
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
-            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-            texts = [
-                tokenizer.apply_chat_template(
-                    _prompt_messages(r["messages"]), tokenize=False, add_generation_prompt=True
+        with weights_for_generation(model):
+            for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
+                chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+                texts = [
+                    tokenizer.apply_chat_template(
+                        _prompt_messages(r["messages"]), tokenize=False, add_generation_prompt=True
+                    )
+                    for r in chunk
+                ]
+                images = [r.get("images") or [] for r in chunk]
+                if any(images):
+                    inputs = processing_class(text=texts, images=[im for ims in images for im in ims], return_tensors="pt",
+                                              padding=True)  # fmt: skip
+                else:
+                    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stop,
                 )
-                for r in chunk
-            ]
-            images = [r.get("images") or [] for r in chunk]
-            if any(images):
-                inputs = processing_class(text=texts, images=[im for ims in images for im in ims], return_tensors="pt",
-                                          padding=True)  # fmt: skip
-            else:
-                inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            output = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stop,
-            )
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+                new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -24,12 +24,14 @@ from .batch_guard import BatchModalityGuard
 from .callbacks import MMTrainerCallback
 from .checkpoints import write_complete_marker
 from .config import MMSFTConfig
+from .dummy_media import DummyMedia, DummyMediaError
+from .engine import detect_engine, probe_blocker
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
 from .plan_report import print_plan
 from .probe import ProbeResult, ProbeSettings, build_probe_batch, choose_probe_rows, probe_reachability
 from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
-from .release import ReleaseRecord, releasable_roots, release_towers
+from .release import ReleaseRecord, releasable_roots, release_blocker, release_towers
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
 from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
@@ -113,7 +115,7 @@ class MMSFTTrainer(SFTTrainer):
             if args.ddp_find_unused_parameters is None:
                 # Every kept adapter gets a gradient on every batch only when no kept tower can be skipped by a batch.
                 args.ddp_find_unused_parameters = not self._every_batch_reaches_all_targets()
-            if self._should_release(args, eval_dataset):
+            if self._should_release(args, eval_dataset, model):
                 self.released_towers = release_towers(model, releasable_roots(self.target_plan))
         # 4-bit base (in-place nf4 / LoftQ on the kept targets), k-bit training preparation; None when not quantized.
         self.quantized_base: QuantizedBase | None = QuantizedBase.prepare(
@@ -163,6 +165,9 @@ class MMSFTTrainer(SFTTrainer):
         if self.target_plan is not None:
             released = [r.path for r in self.released_towers]
             self.batch_guard = BatchModalityGuard(self.modality_profile, getattr(model, "config", None), released)
+        # Sharded engines (FSDP, ZeRO-3): media towers run on every micro-batch, on a zero-contribution dummy input
+        # where the micro-batch holds no such media, so that every rank's collectives match (None elsewhere).
+        self.dummy_media: DummyMedia | None = self._dummy_media()
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
         self.add_callback(MMTrainerCallback(self))  # re-binds after `accelerator.prepare`; marks checkpoints complete
@@ -259,6 +264,17 @@ class MMSFTTrainer(SFTTrainer):
             return None  # resolve_targets reports a bad target spec with its own message
         if not candidates:
             return None
+        blocker = probe_blocker(model, detect_engine(args))
+        if blocker is not None:
+            logger.warning(
+                "Reachability probe skipped: %s. Targets follow the tower structure and the data's modalities: "
+                "adapters are kept on every tower the data reaches (%s), including modules such input may skip "
+                "(e.g. cross-attention layers on text-only data); the audit reports any that stay dead. To probe, "
+                "load the model without that option (the probe then runs before the engine shards the weights).",
+                blocker,
+                ", ".join(sorted(self.modality_profile.reached_towers())) or "language",
+            )
+            return None
         # A small spread sample is enough to find rows of every kind; it avoids decoding hundreds of images.
         pool = sample_rows(dataset, min(args.modality_sample_rows, 8 * args.target_probe_rows))
         rows = choose_probe_rows(pool, args.target_probe_rows)
@@ -294,10 +310,16 @@ class MMSFTTrainer(SFTTrainer):
         # Adapters on a media tower are used by a batch only if it holds that media: every sampled row must.
         return not profile.declared and all(c == profile.rows_sampled for c in profile.rows_with.values())
 
-    def _should_release(self, args: MMSFTConfig, eval_dataset: Any) -> bool:
+    def _should_release(self, args: MMSFTConfig, eval_dataset: Any, model: Any) -> bool:
         if args.free_unreached_towers is False or self.target_plan is None:
             return False
         if not releasable_roots(self.target_plan):
+            return False
+        blocker = release_blocker(detect_engine(args), model)  # engines the release cannot (or need not) go with
+        if blocker is not None:
+            if args.free_unreached_towers is True and blocker.refuse:
+                raise ValueError(f"`free_unreached_towers=True` cannot be used here: {blocker.reason}")
+            logger.warning("Unreached towers are kept (not released): %s", blocker.reason)
             return False
         if args.free_unreached_towers is True:
             return True
@@ -306,6 +328,33 @@ class MMSFTTrainer(SFTTrainer):
             return False
         evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset] if eval_dataset else []
         return all(profile_dataset(ds, max_rows=args.modality_sample_rows).text_only for ds in evals)
+
+    def _dummy_media(self) -> DummyMedia | None:
+        """A :class:`DummyMedia` for the media towers the data reaches, when the engine shards parameters."""
+        engine = detect_engine(self.args)
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if not (self.is_fsdp_enabled or zero3 or engine.shards_parameters) or self.target_plan is None:
+            return None
+        released = {r.tower for r in self.released_towers}
+        towers = [t for t in ("vision", "audio") if t in self.modality_profile.reached_towers() and t not in released]
+        towers = [t for t in towers if t in self.tower_map.present_towers()]
+        language = [path for path, (tower, _) in self.tower_map.roots.items() if tower == "language"]
+        if not towers:
+            return None
+        roots = {t: [path for path, (tower, _) in self.tower_map.roots.items() if tower == t] for t in towers}
+        roots[towers[-1]] += [path for path, (tower, _) in self.tower_map.roots.items() if tower == "projector"]
+        base = self.model.get_base_model() if _is_peft_model(self.model) else self.model
+        try:
+            if not language:
+                raise DummyMediaError("the tower map found no language model to attach the dummy to")
+            return DummyMedia(base, roots, language[0], self.processing_class, self.telemetry)
+        except DummyMediaError as err:
+            raise ValueError(
+                f"Data with {'/'.join(towers)} media under {engine.name if engine.name != 'plain' else 'a sharded engine'}"
+                f" needs every rank to run the {'/'.join(towers)} tower on every micro-batch (its sharded weights are "
+                f"gathered collectively), and mm-trainer cannot build a dummy input for it: {err}. Use data in which "
+                "every row holds the same media, or train with DDP or DeepSpeed ZeRO-2 (no parameter sharding)."
+            ) from err
 
     # ----------------------------------------------------------------------------------------------------------------
     # Training hooks
@@ -319,12 +368,17 @@ class MMSFTTrainer(SFTTrainer):
             # Arms IMoD's gradient injection and the dominance-rate hooks for this micro-batch (disarmed after the
             # backward, in training_step). The loss itself is not changed.
             self.modality_balance.begin_micro_step(self, inputs)
+        if self.dummy_media is not None:
+            self.dummy_media.begin_micro_step(inputs)  # arms a dummy for each media tower this micro-batch lacks
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.dummy_media is not None and self.accelerator.sync_gradients:
+            # A tower that only dummies ran in this step gets None gradients (AdamW skips it, as under DDP).
+            self.dummy_media.end_step(self._sum_across_ranks)
         if self.modality_balance is not None:
             self.modality_balance.after_backward(self)
         if self.telemetry is not None and self.accelerator.sync_gradients:
@@ -341,6 +395,11 @@ class MMSFTTrainer(SFTTrainer):
         if self.modality_balance is not None and self.model.training and "loss" in logs:
             logs.update(self.modality_balance.log_metrics(self))
         super().log(logs, start_time)
+
+    def _sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.args.device), reduction="sum")
 
     def _sync_fired(self) -> None:
         """Make every rank agree on which adapters have fired (a rank may never have seen an image batch)."""

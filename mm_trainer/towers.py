@@ -48,6 +48,9 @@ _PROJECTOR_WORDS = (
 _BRIDGE_WORDS = ("embed", "proj")
 """With a modality word (``embed_vision``, ``image_embed``, ``visual_projection``): a modality-to-text bridge."""
 
+_GENERATOR_WORDS = ("talker", "2wav", "vocoder", "codec")
+"""Speech *output* generators of Omni models (talker, token2wav / code2wav): not input towers, mapped ``other``."""
+
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "images", "image", "video")
 _AUDIO_INPUTS = ("input_features", "audio_values", "input_audio_features", "audio_features", "input_values")
 _TOKEN_INPUTS = ("input_ids", "inputs_embeds")
@@ -305,6 +308,9 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
         if hit is None:
             continue
         key, sub = hit
+        if _has_word(key, _GENERATOR_WORDS) or _has_word(path.rsplit(".", 1)[-1], _GENERATOR_WORDS):
+            roots[path] = ("other", f"{evidence}: config.{key} (speech output generator)")
+            continue
         tower = _modality_of_config_key(key, sub)
         if tower is None or (getattr(sub, "sub_configs", None) and tower == "language" and "text" not in key):
             continue  # a nested composite (e.g. an Omni "thinker"): its own parts are found below
@@ -358,6 +364,9 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
         if covered(path) and not (in_container and not _covered_by_other_than(path, roots, containers)):
             continue
         leaf = path.rsplit(".", 1)[-1]
+        if _has_word(leaf, _GENERATOR_WORDS):
+            roots[path] = ("other", "name: speech output generator")
+            continue
         media = "audio" if _has_word(leaf, _AUDIO_WORDS) else "vision" if _has_word(leaf, _VISION_WORDS) else None
         if _has_word(leaf, _PROJECTOR_WORDS) or (media and _has_word(leaf, _BRIDGE_WORDS)):
             # A projector, or a modality-to-text bridge (``embed_vision``, ``image_embed``, ``visual_projection``):
@@ -415,6 +424,8 @@ def map_towers(model: nn.Module) -> TowerMap:
     output_path = _path_of(model, _safe_call("get_output_embeddings", model))
     input_path = _path_of(model, _safe_call("get_input_embeddings", model))
     roots = _find_roots(model)
+    if output_path is None:
+        output_path = _nested_output_head(model, roots)
     composite = any(t in NON_TEXT_TOWERS for t, _ in roots.values())
     if not composite:
         # A plain LM: a "vision"- or "projector"-looking name is a coincidence; only the language root counts.
@@ -456,6 +467,20 @@ def map_towers(model: nn.Module) -> TowerMap:
         input_embedding_name=input_path,
         composite=composite,
     )
+
+
+def _nested_output_head(model: nn.Module, roots: dict[str, tuple[str, str]]) -> str | None:
+    """Output head of the sub-model that holds the language tower, when the top model exposes none (the Omni
+    "thinker" has its own ``lm_head``; the composite's ``get_output_embeddings()`` returns nothing)."""
+    for root in sorted((p for p, (t, _) in roots.items() if t == "language"), key=len):
+        parts = root.split(".")
+        while parts:
+            parts.pop()
+            holder = model.get_submodule(".".join(parts)) if parts else model
+            path = _path_of(model, _safe_call("get_output_embeddings", holder))
+            if path:
+                return path
+    return None
 
 
 def _tower_for(

@@ -266,3 +266,25 @@ def test_patch_width_alone_does_not_move_a_linear():
     assert towers["text.0.q_proj"] == "language"
     towers = map_towers(TextBlockBesideTextLayers(ScrollConfig(lens_config={"width": 12}))).towers
     assert towers["image_glue"] == "projector"
+
+
+def test_omni_thinker_and_talker():
+    # Qwen2.5-Omni: the thinker's encoders and decoder are towers, its own lm_head is the output head (the composite
+    # exposes none), and the speech generators (talker, token2wav) are `other`.
+    config = shrink_config(transformers.Qwen2_5OmniConfig())
+    with torch.device("meta"):
+        model = transformers.Qwen2_5OmniForConditionalGeneration._from_config(config)
+    tmap = map_towers(model)
+    assert tmap.output_name == "thinker.lm_head"
+    assert tmap.towers["thinker.lm_head"] == "output"
+    linears = tmap.linears
+    by_prefix = {
+        "thinker.model.audio_tower.layers.": "audio",
+        "thinker.model.visual.blocks.": "vision",
+        "thinker.model.language_model.layers.": "language",
+        "talker.": "other",
+        "token2wav.": "other",
+    }
+    for prefix, tower in by_prefix.items():
+        towers = {info.tower for name, info in linears.items() if name.startswith(prefix)}
+        assert towers == {tower}, (prefix, towers)

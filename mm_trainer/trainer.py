@@ -291,6 +291,7 @@ class MMSFTTrainer(SFTTrainer):
                 ),
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 completion_only_loss=args.completion_only_loss,
+                model_config=getattr(model, "config", None),
             )
             return probe_reachability(model, batch, candidates, ProbeSettings.from_training_args(args))
         except (KeyError, NotImplementedError, RuntimeError, TypeError, ValueError) as err:

@@ -162,6 +162,11 @@ def _rescale_rope_sections(config: PretrainedConfig) -> None:
         params = _get(config, attr)
         if not isinstance(params, dict):
             continue
+        if (
+            "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ())
+            and "mrope_section" not in params
+        ):
+            params["mrope_section"] = [0, 0, 0]  # the model's default ([16, 24, 24]) fits only the full head size
         for key in ("mrope_section", "mrope_sections"):
             section = params.get(key)
             if isinstance(section, list) and section:

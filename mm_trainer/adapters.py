@@ -70,6 +70,11 @@ def lora_adapters(
         if weights is None:
             continue
         name = strip_peft_prefix(path)
+        parameter = getattr(module, "parameter_name", None)
+        if isinstance(parameter, str):
+            # PEFT's ParamWrapper (``target_parameters``, e.g. fused 3-D experts): one wrapper per parameter, nested
+            # in ``base_layer``s of the module that holds them; named after the parameter it adapts.
+            name = ".".join(part for part in name.split(".") if part != "base_layer") + f".{parameter}"
         tower = tower_map.tower_of(name) if tower_map is not None else "other"
         lora_a, lora_b, (name_a, name_b) = weights
         out.append(LoraAdapter(name, tower, module, lora_a, lora_b, (f"{name}.{name_a}", f"{name}.{name_b}")))

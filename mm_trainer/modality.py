@@ -335,3 +335,31 @@ def check_dataset_columns(dataset: Any, text_field: str | None, formatting_func:
         f"expected 'messages', 'prompt'+'completion', 'input_ids' or '{text_field or 'text'}'. Rename the column "
         f"holding the text, set `dataset_text_field` in the config to its name, or pass a `formatting_func`."
     )
+
+
+def batch_modality_rows(batch: Mapping[str, Any], placeholders: Mapping[str, int]) -> dict[str, list[int] | None]:
+    """Non-text modalities a collated batch carries, each with the batch rows that hold it where that is known.
+
+    A modality counts as present when its features are in the batch (``pixel_values``, ``input_features``, ...; an
+    empty tensor does not count) or its placeholder token occurs in ``input_ids``. Rows come from the placeholder
+    tokens; a modality seen only through its features maps to ``None`` (rows unknown: features are often flattened
+    across the batch).
+
+    Args:
+        batch: A collated batch.
+        placeholders: ``{modality: token_id}``, e.g. from :func:`placeholder_ids`.
+    """
+    found: dict[str, list[int] | None] = {}
+    for modality, keys in _PIXEL_KEYS.items():
+        for key in keys:
+            value = batch.get(key)
+            if value is not None and not (torch.is_tensor(value) and value.numel() == 0):
+                found[modality] = None
+    input_ids = batch.get("input_ids")
+    if torch.is_tensor(input_ids) and input_ids.dim() >= 1:
+        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+        for modality, token_id in placeholders.items():
+            rows = torch.nonzero((ids == token_id).any(dim=-1)).flatten().tolist()
+            if rows:
+                found[modality] = rows
+    return found

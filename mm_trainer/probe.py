@@ -477,6 +477,7 @@ def build_probe_batch(
     padding_free: bool = False,
     pad_to_multiple_of: int | None = None,
     completion_only_loss: bool | None = None,
+    model_config: Any = None,
 ) -> dict[str, Any]:
     """Collate raw dataset rows into a model batch, the way TRL will at training time.
 
@@ -494,6 +495,8 @@ def build_probe_batch(
         pad_to_multiple_of: The trainer's ``pad_to_multiple_of``.
         completion_only_loss: Loss on the completion only for prompt-completion rows (``None``: as TRL, on when
             the rows have ``prompt`` and ``completion``).
+        model_config: The model's config; video rows get a probe clip built from it (see
+            :mod:`mm_trainer.video_probe`).
 
     Returns:
         A batch with ``input_ids``, ``attention_mask``, ``labels`` and media features where present.
@@ -508,7 +511,12 @@ def build_probe_batch(
             rows, processing_class, dataset_text_field, max_length, pad_to_multiple_of, completion_only_loss
         )
     if "video" in kinds:
-        raise NotImplementedError("Probing video rows is not supported yet; set `target_probe=False`.")
+        if model_config is None:
+            raise NotImplementedError("Probing video rows needs the model config; set `target_probe=False`.")
+        from .video_probe import add_video  # video rows: a clip built from the config (no video processor here)
+
+        text = _text_batch(rows, processing_class, dataset_text_field, max_length, False, None, completion_only_loss)
+        return add_video(text, rows, model_config)
     return _text_batch(
         rows, processing_class, dataset_text_field, max_length, padding_free, pad_to_multiple_of, completion_only_loss
     )

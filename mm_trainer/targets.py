@@ -14,7 +14,7 @@ from torch import nn
 
 from .modality import ModalityProfile
 from .probe import ProbeResult
-from .towers import TOWERS, TowerMap, map_towers
+from .towers import TOWERS, TowerMap, is_linear, map_towers
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,73 @@ def matched_modules(model: nn.Module, peft_config: Any) -> list[str]:
     return [name for name, _ in model.named_modules() if name and bool(check_target_module_exists(config, name))]
 
 
+def matched_parameters(model: nn.Module, peft_config: Any) -> list[str]:
+    """``module.parameter`` keys that ``peft_config.target_parameters`` selects, with PEFT's rule (the key, or a
+    ``.suffix`` of it, is listed), each parameter taken on the lowest module that holds it."""
+    targets = getattr(peft_config, "target_parameters", None)
+    if not targets:
+        return []
+    wanted = set(targets)
+    keys = []
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{module_name}.{param_name}" if module_name else param_name
+            if key in wanted or any(key.endswith(f".{t}") for t in wanted):
+                keys.append(key)
+    return keys
+
+
+def _parameter_lora_params(model: nn.Module, key: str, rank: int) -> int:
+    """LoRA parameters PEFT adds on a targeted parameter: per expert (leading dims) ``rank x (in + out)``."""
+    param = model.get_parameter(key)
+    if param.dim() < 2:
+        return 0
+    experts = 1
+    for size in param.shape[:-2]:
+        experts *= int(size)
+    return rank * (int(param.shape[-1]) + int(param.shape[-2])) * experts
+
+
+def expert_groups(model: nn.Module) -> dict[str, str]:
+    """Linear layers of per-expert ``ModuleList``s, each mapped to its MoE block (the list's parent module).
+
+    A list of at least two modules of one class is a set of experts when it is named so (``experts``) or when its
+    parent holds a router: a module whose 2-D ``weight`` has one row per list entry (``gate``: hidden -> experts). A
+    stack of decoder layers has no such sibling, so its layers are never grouped.
+    """
+    groups: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(m) for m in module}) != 1:
+            continue
+        parent_path, _, leaf = path.rpartition(".")
+        parent = modules.get(parent_path, model)
+        routed = any(
+            c is not module and getattr(c, "weight", None) is not None and c.weight.dim() == 2
+            and int(c.weight.shape[0]) == len(module)
+            for c in parent.children()
+        )  # fmt: skip
+        if "expert" not in leaf.lower() and not routed:
+            continue
+        for sub, child in module.named_modules():
+            if sub and is_linear(child):
+                groups[f"{path}.{sub}"] = parent_path
+    return groups
+
+
+def _block_reached(block: str, probe: ProbeResult | None) -> bool:
+    return probe is not None and any(
+        c.startswith(block + ".") and probe.status(c) == "reached" for c in probe.candidates
+    )
+
+
+def _reached_blocks(groups: dict[str, str], probe: ProbeResult | None) -> set[str]:
+    """MoE blocks in which the probe saw at least one watched module reached (an expert, a router, a shared MLP)."""
+    if probe is None:
+        return set()
+    return {block for block in set(groups.values()) if _block_reached(block, probe)}
+
+
 def _default_targets(model: nn.Module) -> list[str] | None:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
@@ -300,10 +367,19 @@ def resolve_targets(
         # Prompt learning and friends: nothing to resolve.
         return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
 
+    params = matched_parameters(model, peft_config)  # fused 3-D experts and the like (`target_parameters`)
     if peft_config.target_modules is None and getattr(peft_config, "target_parameters", None):
-        return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
-    user_targets = _with_default_targets(model, peft_config).target_modules
-    matched = matched_modules(model, peft_config)
+        user_targets = None
+        if not params:  # target_parameters that match nothing: PEFT reports it
+            return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
+    else:
+        user_targets = _with_default_targets(model, peft_config).target_modules
+    matched = matched_modules(model, peft_config) if user_targets is not None else []
+    # Per-expert linears are judged with their MoE block: a probe batch of a few rows routes tokens to a few experts
+    # only, and an expert it missed trains on other batches.
+    groups = expert_groups(model)
+    reached_blocks = _reached_blocks(groups, probe)
+    param_blocks = {key: key.rsplit(".", 2)[0] for key in params}  # the block holding the experts module
     modules = dict(model.named_modules())
     output_leaf = tower_map.output_name.rsplit(".", 1)[-1] if tower_map.output_name else None
     output_asked = _user_named(user_targets, output_leaf)
@@ -333,6 +409,10 @@ def resolve_targets(
                 dead_candidates.append(decision)
                 decisions.append(decision)
             continue
+        if name in groups and groups[name] in reached_blocks and tower in selected and probe.status(name) != "reached":
+            why = f"expert of the MoE block {groups[name]}, which the probe reached (experts are judged as a group)"
+            decisions.append(TargetDecision(name, tower, True, why, cost))
+            continue
         if probe is not None and name in probe.candidates and probe.status(name) != "reached":
             reason = probe.reason(name)
             decision = TargetDecision(name, tower, True, reason, cost, dead=True)
@@ -349,6 +429,34 @@ def resolve_targets(
             continue
         why = "reached: probe saw a non-zero gradient" if probe is not None else "tower reached by the data"
         decisions.append(TargetDecision(name, tower, True, why, cost))
+
+    for key in params:
+        tower = tower_map.tower_of(key)
+        cost = _parameter_lora_params(model, key, rank)
+        if tower not in selected:
+            if forced:
+                reason = f"tower not in target_towers={list(towers_setting)}"
+                decisions.append(TargetDecision(key, tower, False, reason, cost, dead=tower not in reached))
+            else:
+                reason = f"{tower} tower not reached by the data ({modality_words})"
+                decision = TargetDecision(key, tower, True, reason, cost, dead=True)
+                dead_candidates.append(decision)
+                decisions.append(decision)
+            continue
+        block = param_blocks[key]
+        watched = probe is not None and any(c.startswith(block + ".") for c in probe.candidates)
+        if watched and block not in reached_blocks and not _block_reached(block, probe):
+            reason = f"probe: no module of its block {block} reached on a batch of the data"
+            decision = TargetDecision(key, tower, True, reason, cost, dead=True)
+            decisions.append(decision)
+            if not forced:
+                dead_candidates.append(decision)
+            continue
+        if tower not in reached and tower != "other":
+            reason = "forced by target_towers (the data does not reach this tower)"
+            decisions.append(TargetDecision(key, tower, True, reason, cost, dead=True))
+            continue
+        decisions.append(TargetDecision(key, tower, True, "parameter of a tower reached by the data", cost))
 
     plan_warnings: list[str] = []
     if dead_candidates:
@@ -379,9 +487,12 @@ def resolve_targets(
 
     kept = [d.name for d in decisions if d.kept]
     if not kept:
-        raise ValueError(_nothing_left_message(user_targets, matched, decisions, tower_map, selected))
+        raise ValueError(_nothing_left_message(user_targets, matched or params, decisions, tower_map, selected))
+    kept_modules = [n for n in kept if n not in params]
     resolved = copy.deepcopy(peft_config)
-    resolved.target_modules = set(kept)
+    resolved.target_modules = set(kept_modules) if kept_modules or not params else None
+    if params:
+        resolved.target_parameters = [n for n in kept if n in params]
     # The kept paths already went through the layer filter; PEFT must not apply it again (it does to `.suffix`
     # matches, and it turns 20 or more paths into suffixes).
     for name in ("layers_to_transform", "layers_pattern"):

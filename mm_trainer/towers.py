@@ -34,7 +34,22 @@ NON_TEXT_TOWERS: tuple[str, ...] = ("vision", "audio")
 _VISION_WORDS = ("vision", "visual", "image", "vit", "siglip", "clip", "pixel", "patch")
 _AUDIO_WORDS = ("audio", "speech", "whisper", "sound", "acoustic", "wav")
 _LANGUAGE_WORDS = ("language_model", "text_model", "text_decoder", "llm", "decoder", "lm_model", "thinker")
-_PROJECTOR_WORDS = ("projector", "merger", "connector", "aligner", "resampler", "mm_proj", "multi_modal", "adapter")
+_PROJECTOR_WORDS = (
+    "projector",
+    "projection",
+    "merger",
+    "connector",
+    "aligner",
+    "resampler",
+    "mm_proj",
+    "multi_modal",
+    "adapter",
+)
+_BRIDGE_WORDS = ("embed", "proj")
+"""With a modality word (``embed_vision``, ``image_embed``, ``visual_projection``): a modality-to-text bridge."""
+
+_GENERATOR_WORDS = ("talker", "2wav", "vocoder", "codec")
+"""Speech *output* generators of Omni models (talker, token2wav / code2wav): not input towers, mapped ``other``."""
 
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "images", "image", "video")
 _AUDIO_INPUTS = ("input_features", "audio_values", "input_audio_features", "audio_features", "input_values")
@@ -293,6 +308,9 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
         if hit is None:
             continue
         key, sub = hit
+        if _has_word(key, _GENERATOR_WORDS) or _has_word(path.rsplit(".", 1)[-1], _GENERATOR_WORDS):
+            roots[path] = ("other", f"{evidence}: config.{key} (speech output generator)")
+            continue
         tower = _modality_of_config_key(key, sub)
         if tower is None or (getattr(sub, "sub_configs", None) and tower == "language" and "text" not in key):
             continue  # a nested composite (e.g. an Omni "thinker"): its own parts are found below
@@ -315,20 +333,79 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
         if dec_path and not covered(dec_path):
             roots[dec_path] = ("language", "get_decoder()")
 
-    # 4. Names of direct children of composite modules.
+    # 3b. Patch embeddings outside every tower: a linear layer named for pixels / patches / vision that reads raw
+    #     patches (in_features equal to channels x patch x patch of a config with a patch size) is the vision tower
+    #     (Fuyu's ``vision_embed_tokens``).
+    patch_widths = _patch_widths(config, sub_configs)
+    # A width that is also a media tower's feature width says nothing (SigLIP: 3 x 16 x 16 = 768 = hidden_size).
+    feature_widths = {
+        getattr(sub, key)
+        for k, sub in sub_configs
+        if _modality_of_config_key(k, sub) != "language"
+        for key in ("hidden_size", "width", "embed_dim", "d_model")
+        if isinstance(getattr(sub, key, None), int)
+    }
     for path, module in model.named_modules():
-        if not path or covered(path) or is_linear(module):
+        leaf = path.rsplit(".", 1)[-1]
+        if not path or covered(path) or not is_linear(module) or not _has_word(leaf, _VISION_WORDS):
+            continue
+        if any(_has_word(part, _PROJECTOR_WORDS) for part in path.split(".")):
+            continue  # a projector (or inside one): it reads tower features, not patches
+        if linear_shape(module)[0] in patch_widths - feature_widths:
+            roots[path] = ("vision", f"patch embedding: in_features {linear_shape(module)[0]} = channels x patch^2")
+
+    # 4. Names. Outside every root; and inside a language root that only an accessor found (``get_decoder()``
+    #    returns the whole composite model on Phi-4-multimodal and GIT), for media / projector names only.
+    containers = [p for p, (t, why) in roots.items() if t == "language" and why == "get_decoder()"]
+    for path, module in model.named_modules():
+        if not path or is_linear(module):
+            continue
+        in_container = any(path.startswith(c + ".") for c in containers)
+        if covered(path) and not (in_container and not _covered_by_other_than(path, roots, containers)):
             continue
         leaf = path.rsplit(".", 1)[-1]
-        if _has_word(leaf, _PROJECTOR_WORDS):
+        if _has_word(leaf, _GENERATOR_WORDS):
+            roots[path] = ("other", "name: speech output generator")
+            continue
+        media = "audio" if _has_word(leaf, _AUDIO_WORDS) else "vision" if _has_word(leaf, _VISION_WORDS) else None
+        if _has_word(leaf, _PROJECTOR_WORDS) or (media and _has_word(leaf, _BRIDGE_WORDS)):
+            # A projector, or a modality-to-text bridge (``embed_vision``, ``image_embed``, ``visual_projection``):
+            # what maps a tower's features into the language model's space. A tower built inside it (Phi-4's
+            # ``image_embed.img_processor``) is a deeper root and keeps its own tower.
             roots[path] = ("projector", "name")
-        elif _has_word(leaf, _AUDIO_WORDS):
-            roots[path] = ("audio", "name")
-        elif _has_word(leaf, _VISION_WORDS):
-            roots[path] = ("vision", "name")
-        elif leaf in _LANGUAGE_WORDS and not any(t == "language" for t, _ in roots.values()):
+        elif media is not None:
+            roots[path] = (media, "name")
+        elif not in_container and leaf in _LANGUAGE_WORDS and not any(t == "language" for t, _ in roots.values()):
             roots[path] = ("language", "name")
+
+    # A language-configured block inside a projector is the projector's own (Kosmos-2's resampler cross-attention
+    # ``image_to_text_projection.x_attn`` is built from the text config but only ever reads image features).
+    projectors = [p for p, (t, _) in roots.items() if t == "projector"]
+    for path in [p for p, (t, _) in roots.items() if t == "language"]:
+        if any(path.startswith(p + ".") for p in projectors):
+            del roots[path]
     return roots
+
+
+def _covered_by_other_than(path: str, roots: dict[str, tuple[str, str]], containers: list[str]) -> bool:
+    return any((path == r or path.startswith(r + ".")) for r in roots if r not in containers)
+
+
+def _patch_widths(config: object, sub_configs: list[tuple[str, object]]) -> set[int]:
+    """``channels x patch x patch`` of every config (top level or sub-config) that has a patch size."""
+    widths: set[int] = set()
+    for cfg in [config, *(sub for _, sub in sub_configs)]:
+        patch = getattr(cfg, "patch_size", None)
+        if isinstance(patch, (list, tuple)) and len(patch) == 2:
+            area = int(patch[0]) * int(patch[1])
+        elif isinstance(patch, int) and not isinstance(patch, bool):
+            area = patch * patch
+        else:
+            continue
+        channels = getattr(cfg, "num_channels", 3)
+        if isinstance(channels, int) and area > 1:
+            widths.add(channels * area)
+    return widths
 
 
 def map_towers(model: nn.Module) -> TowerMap:
@@ -347,6 +424,8 @@ def map_towers(model: nn.Module) -> TowerMap:
     output_path = _path_of(model, _safe_call("get_output_embeddings", model))
     input_path = _path_of(model, _safe_call("get_input_embeddings", model))
     roots = _find_roots(model)
+    if output_path is None:
+        output_path = _nested_output_head(model, roots)
     composite = any(t in NON_TEXT_TOWERS for t, _ in roots.values())
     if not composite:
         # A plain LM: a "vision"- or "projector"-looking name is a coincidence; only the language root counts.
@@ -390,6 +469,20 @@ def map_towers(model: nn.Module) -> TowerMap:
     )
 
 
+def _nested_output_head(model: nn.Module, roots: dict[str, tuple[str, str]]) -> str | None:
+    """Output head of the sub-model that holds the language tower, when the top model exposes none (the Omni
+    "thinker" has its own ``lm_head``; the composite's ``get_output_embeddings()`` returns nothing)."""
+    for root in sorted((p for p, (t, _) in roots.items() if t == "language"), key=len):
+        parts = root.split(".")
+        while parts:
+            parts.pop()
+            holder = model.get_submodule(".".join(parts)) if parts else model
+            path = _path_of(model, _safe_call("get_output_embeddings", holder))
+            if path:
+                return path
+    return None
+
+
 def _tower_for(
     path: str,
     ordered_roots: list[str],
@@ -410,7 +503,19 @@ def _tower_for(
             return tower
     if not composite:
         return "language"
+    # The smallest module that holds this one and some tower root: when every root in it is a language root, this
+    # is a block of the text model that the roots do not cover (DiffusionGemma's ``decoder.self_conditioning``).
+    holder = path
+    while holder:
+        holder = holder.rsplit(".", 1)[0] if "." in holder else ""
+        below = [r for r in roots if holder == "" or r.startswith(holder + ".")]
+        if below:
+            if holder and all(roots[r][0] == "language" for r in below):
+                return "language"
+            break
     if not path or any(r.startswith(path + ".") for r in roots):
+        if all(roots[r][0] == "language" for r in roots if r.startswith(path + ".")) and path:
+            return "language"
         return "other"  # a container of towers (the composite model itself)
     if any(path == s or path.startswith(s + ".") for s in sub_models):
         return "other"  # a sub-model of its own that is no tower we know (e.g. a speech "talker")

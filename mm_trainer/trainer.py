@@ -21,6 +21,7 @@ from .audit import TrainingAuditor
 from .audit.auditor import is_checkpoint_dir
 from .audit.raw_loss import RawLoss
 from .audit.report import jsonable
+from .batch_guard import BatchModalityGuard
 from .callbacks import MMTrainerCallback
 from .checkpoints import resolve_resume_checkpoint, unmark_checkpoint, write_complete_marker
 from .config import MMSFTConfig
@@ -56,6 +57,7 @@ from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
 from .tower_loading import UnloadedTowers, load_without, plan_unloaded
 from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
+from .trl_errors import sft_init_error, with_hint
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +121,20 @@ class MMSFTTrainer(SFTTrainer):
         )
         quantization_config = None  # consumed by the load above
 
-        self.tower_map: TowerMap = map_towers(model)  # before the release below: it counts the towers' parameters
-        # Towers the load left on the meta device end exactly as released ones (records, empty tensors, refusal hooks).
-        self.released_towers: list[ReleaseRecord] = release_unloaded_towers(model, unloaded) if unloaded else []
-        self._check_model_fits_data(model, processing_class)
-        check_imod_data(args, self.modality_profile)
+        # TRL's own refusal of this input, if any (raised below with TRL's type and words, plus our hint).
+        trl_error = sft_init_error(model, args, train_dataset, processing_class, peft_config)
+        try:
+            self.tower_map: TowerMap = map_towers(model)  # before the release below: it counts the towers' parameters
+            # Towers the load left on the meta device end exactly as released ones (records, empty tensors, hooks).
+            self.released_towers: list[ReleaseRecord] = release_unloaded_towers(model, unloaded) if unloaded else []
+            self._check_model_fits_data(model, processing_class)
+            check_imod_data(args, self.modality_profile)
+        except (TypeError, ValueError) as err:
+            if trl_error is None:
+                raise
+            raise with_hint(trl_error, err) from err
+        if trl_error is not None:
+            raise trl_error
         self.target_plan: TargetPlan | None = None
         if peft_config is not None and not _is_peft_model(model):
             self.target_plan = self._plan_targets(model, peft_config, train_dataset, processing_class, args)
@@ -181,6 +192,11 @@ class MMSFTTrainer(SFTTrainer):
         self.modality_balance: ModalityBalance | None = ModalityBalance.for_trainer(self)
         if self.modality_balance is not None:
             self.audit_sections.update(self.modality_balance.audit_sections())
+        # Batches holding a modality the plan did not see raise at their step (see mm_trainer/batch_guard.py).
+        self.batch_guard: BatchModalityGuard | None = None
+        if self.target_plan is not None:
+            released = [r.path for r in self.released_towers]
+            self.batch_guard = BatchModalityGuard(self.modality_profile, getattr(model, "config", None), released)
         # Sharded engines (FSDP, ZeRO-3): media towers run on every micro-batch, on a zero-contribution dummy input
         # where the micro-batch holds no such media, so that every rank's collectives match (None elsewhere).
         self.dummy_media: DummyMedia | None = DummyMedia.for_trainer(self)
@@ -217,9 +233,9 @@ class MMSFTTrainer(SFTTrainer):
             kwargs = dict(args.model_init_kwargs or {})
             if quantization_config is not None:
                 if "quantization_config" in kwargs:
-                    raise ValueError(
+                    raise ValueError(  # TRL's words (SFTTrainer raises the same on this input)
                         "You set `quantization_config` both as a trainer argument and in `args.model_init_kwargs`. "
-                        "Set it in one place only."
+                        "Please set it in only one place, preferably as a trainer argument."
                     )
                 kwargs["quantization_config"] = quantization_config
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
@@ -353,6 +369,7 @@ class MMSFTTrainer(SFTTrainer):
                 ),
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 completion_only_loss=args.completion_only_loss,
+                model_config=getattr(model, "config", None),
             )
             return probe_reachability(model, batch, candidates, ProbeSettings.from_training_args(args))
         except ReleasedTowerError:
@@ -415,6 +432,8 @@ class MMSFTTrainer(SFTTrainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        if self.batch_guard is not None:  # an unseen modality fails here, on every rank, not deep in the forward
+            self.batch_guard.check(inputs, self.state.global_step + 1, self.accelerator)
         if self.modality_balance is not None and self.model.training:
             # Arms IMoD's gradient injection and the dominance-rate hooks for this micro-batch (disarmed after the
             # backward, in training_step). The loss itself is not changed.

@@ -1,0 +1,30 @@
+"""Two ranks, only rank 0's batch holds an image the plan did not see: both ranks must raise (none waits)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from mm_trainer.batch_guard import BatchModalityGuard, UnseenModalityError
+from mm_trainer.modality import ModalityProfile
+from tests.kit import tiny_config
+
+out = Path(sys.argv[1])
+accelerator = Accelerator(cpu=True)
+config = tiny_config("qwen2_5_vl")
+guard = BatchModalityGuard(ModalityProfile(frozenset({"text"}), rows_sampled=8), config)
+text_token = min(set(range(100)) - {config.image_token_id, config.video_token_id})
+ids = torch.full((2, 4), text_token)
+if accelerator.process_index == 0:
+    ids[1, 2] = config.image_token_id
+result = {"rank": accelerator.process_index, "raised": None}
+guard.check({"input_ids": torch.full((2, 4), text_token)}, step=1, accelerator=accelerator)  # nobody: no error
+try:
+    guard.check({"input_ids": ids}, step=2, accelerator=accelerator)
+except UnseenModalityError as err:
+    result["raised"] = str(err)
+(out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))

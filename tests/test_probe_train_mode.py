@@ -50,7 +50,8 @@ def _trained_in_a_training_step(
     return {n for n in names if n in fired and grads[n] is not None and torch.count_nonzero(grads[n]) > 0}
 
 
-def _statuses(output_dir: Path) -> dict[str, str]:
+def _statuses(output_dir: Path) -> tuple[dict[str, str], str]:
+    """The saved audit's module statuses and its verdict."""
     audit = json.loads((output_dir / "audit.json").read_text())
     return {m["name"]: m["status"] for m in audit["modules"]}, audit["verdict"]
 
@@ -81,8 +82,8 @@ def test_gemma3n_text_only_keeps_exactly_what_training_trains(tmp_path, settings
 
     layers = range(GEMMA3N_LAYERS)
     never_called_in_training = {f"model.language_model.layers.{i}.altup.correction_coefs" for i in layers}
-    zero_input = {f"model.language_model.layers.{i}.{m}" for i in layers for m in ("per_layer_input_gate",)}
-    zero_input |= {f"model.language_model.layers.{i}.per_layer_projection" for i in layers}
+    gates = ("per_layer_input_gate", "per_layer_projection")
+    zero_input = {f"model.language_model.layers.{i}.{m}" for i in layers for m in gates}
     assert not kept & (never_called_in_training | zero_input)
     probe = trainer.target_plan.probe
     assert all(probe.status(n) == "never_fired" for n in never_called_in_training)
@@ -99,7 +100,7 @@ def test_gemma3n_text_only_keeps_exactly_what_training_trains(tmp_path, settings
     assert verdict == "pass" and set(statuses.values()) == {"trained"}
 
 
-def test_gemma3n_gates_reached_once_their_scale_is_trained():
+def test_gemma3n_gates_reached_with_a_pretrained_like_scale():
     """The per-layer gates are dropped for the zero scale, not for what they are: with a pretrained-like non-zero
     ``correct_output_scale`` the same probe reaches them (``correction_coefs`` still never runs in training)."""
     model = tiny_gemma3n()

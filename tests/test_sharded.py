@@ -138,7 +138,7 @@ def check_against_ddp(engine: str, out: Path, ddp: Path, cases: tuple[str, ...] 
         for row, row_ref in zip(tel["history"], tel_ref["history"]):
             assert row.keys() == row_ref.keys()
             for key in row:
-                assert row[key] == pytest.approx(row_ref[key], rel=1e-4, abs=1e-7), (case, key)
+                assert row[key] == pytest.approx(row_ref[key], rel=1e-5, abs=1e-9), (case, key)
         assert infos[0]["losses"] == pytest.approx(ref[0]["losses"], rel=1e-5), case
         if "dominance" in ref[0]:
             rates = [h["non_text_rate"] for h in infos[0]["dominance"]]

@@ -102,8 +102,12 @@ class TrainingAuditor:
 
     def prepare_save(self) -> None:
         """Build the audit of the run as it stands; call it on every process at the same points (before a save's
-        :meth:`on_save` and before the end-of-training summary), as building may gather sharded weights."""
-        self.report()
+        :meth:`on_save` and before the end-of-training summary), as building may gather sharded weights. Never
+        raises: a failure here is reported by :meth:`on_save` (``audit_error.txt``), the adapter stays saved."""
+        try:
+            self.report()
+        except Exception:
+            logger.debug("mm-trainer audit could not be built; the save reports it.", exc_info=True)
 
     def report(self) -> dict[str, Any]:
         """The audit of the run as it stands (rebuilt only when a step, a log or a fired adapter was added)."""

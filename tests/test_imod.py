@@ -155,6 +155,26 @@ def test_gradient_accumulation_keeps_lambda(tmp_path, tokens_normalised):
             assert injected[1][name].abs().max() < 1e-6  # B and non-language adapters get no injection
 
 
+def test_short_last_accumulation_window_scales_by_its_own_micro_batches(tmp_path):
+    """3 rows, batch 1, GA=2, one epoch: the second optimizer step has one micro-batch, and its constraint gradient is
+    that micro-batch's whole (scale 1), not half of it (the configured accumulation steps)."""
+    trainer = _trainer(
+        tmp_path,
+        data=image_text_dataset(3, family=FAMILY),
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=1,
+        max_steps=-1,
+        num_train_epochs=1,
+    )
+    balance = trainer.modality_balance
+    scale_of = balance.constraint_scale
+    scales: list[float] = []
+    balance.constraint_scale = lambda t: scales.append(scale_of(t)) or scales[-1]
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert scales == [0.5, 0.5, 1.0]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients_and_fisher(tmp_path):
     runs = []
     for gc, kwargs in ((False, None), (True, {"use_reentrant": False}), (True, {"use_reentrant": True})):

@@ -66,7 +66,7 @@ def report(trainer: Any, result: dict[str, Any]) -> dict[str, Any]:
     out = Path(trainer.args.output_dir)
     result.update(adapter=str(out), audit=str(out / "AUDIT.md"), plots=sorted(str(p) for p in out.glob("*.png")))
     if trainer.is_world_process_zero():
-        print(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "answers_after"}, indent=1))
         line = f"\nloss {result['train_loss_first']:.3f} -> {result['train_loss_last']:.3f}"
         if "exact_match_after" in result:
             line += f"; exact match {result['exact_match_before']:.1%} -> {result['exact_match_after']:.1%}"

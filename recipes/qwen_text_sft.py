@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     if scorable:
         after = score()
         result["exact_match_after"] = after["exact_match"]
+        result["answers_after"] = {"predictions": after["predictions"], "references": after["references"]}
         result["example"] = {"question": eval_rows[0]["messages"][0]["content"], "answer": after["generations"][0]}
     return common.report(trainer, result)
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .engine import detect_engine
 from .modality import batch_modalities
 
 logger = logging.getLogger(__name__)
@@ -88,14 +89,10 @@ def _tensors(output: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
-def _blank_image(processor: Any) -> Image.Image:
-    """A small mid-grey RGB image (processors resize it up to their minimum size)."""
-    side = 32
-    size = getattr(getattr(processor, "image_processor", None), "size", None)
-    if isinstance(size, Mapping):
-        side = int(size.get("shortest_edge") or size.get("height") or side)
-        side = min(side, 448)
-    return Image.fromarray(np.full((side, side, 3), 128, dtype=np.uint8))
+def _blank_image() -> Image.Image:
+    """A small mid-grey RGB image: processors scale it to their minimum size (4 merged tokens for Qwen2.5-VL, the
+    fixed input size for CLIP / SigLIP towers), so the dummy costs the least the tower can run on."""
+    return Image.fromarray(np.full((56, 56, 3), 128, dtype=np.uint8))
 
 
 def _dummy_inputs(tower: str, processor: Any) -> dict[str, torch.Tensor]:
@@ -104,7 +101,7 @@ def _dummy_inputs(tower: str, processor: Any) -> dict[str, torch.Tensor]:
         image_processor = getattr(processor, "image_processor", None)
         if image_processor is None:
             raise DummyMediaError(f"{type(processor).__name__} has no `image_processor` to build a dummy image from")
-        return dict(image_processor(images=[_blank_image(processor)], return_tensors="pt"))
+        return dict(image_processor(images=[_blank_image()], return_tensors="pt"))
     extractor = getattr(processor, "feature_extractor", None)
     if extractor is None:
         raise DummyMediaError(f"{type(processor).__name__} has no `feature_extractor` to build dummy audio from")
@@ -157,6 +154,42 @@ class DummyMedia:
             self._extractors[tower] = (extractor, _call_kwargs(extractor, _dummy_inputs(tower, processor)))
         self._needed: list[str] = []
         self._hook = model.get_submodule(language_root).register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    @classmethod
+    def for_trainer(cls, trainer: Any) -> DummyMedia | None:
+        """The dummies an ``MMSFTTrainer`` needs: one per media tower the data reaches (not released), when the engine
+        shards parameters (FSDP, ZeRO-3); ``None`` otherwise.
+
+        Raises:
+            ValueError: A dummy is needed but cannot be built, with the fix.
+        """
+        engine = detect_engine(trainer.args)
+        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if not (trainer.is_fsdp_enabled or zero3 or engine.shards_parameters) or trainer.target_plan is None:
+            return None
+        roots = trainer.tower_map.roots
+        released = {r.tower for r in trainer.released_towers}
+        reached = trainer.modality_profile.reached_towers()
+        present = trainer.tower_map.present_towers()
+        towers = [t for t in _EXTRACTORS if t in reached and t in present and t not in released]
+        if not towers:
+            return None
+        paths = {t: [path for path, (tower, _) in roots.items() if tower == t] for t in towers}
+        paths[towers[-1]] += [path for path, (tower, _) in roots.items() if tower == "projector"]
+        language = [path for path, (tower, _) in roots.items() if tower == "language"]
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        try:
+            if not language:
+                raise DummyMediaError("the tower map found no language model to attach the dummy to")
+            return cls(base, paths, language[0], trainer.processing_class, trainer.telemetry)
+        except DummyMediaError as err:
+            kind = "/".join(towers)
+            raise ValueError(
+                f"Data with {kind} media under {engine.name if engine.name != 'plain' else 'a sharding engine'} needs "
+                f"every rank to run the {kind} tower on every micro-batch (its sharded weights are gathered "
+                f"collectively), and mm-trainer cannot build a dummy input for it: {err}. Use data in which every row "
+                "holds the same media, or train with DDP or DeepSpeed ZeRO-2 (no parameter sharding)."
+            ) from err
 
     @property
     def towers(self) -> list[str]:

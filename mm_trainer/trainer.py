@@ -24,7 +24,7 @@ from .batch_guard import BatchModalityGuard
 from .callbacks import MMTrainerCallback
 from .checkpoints import write_complete_marker
 from .config import MMSFTConfig
-from .dummy_media import DummyMedia, DummyMediaError
+from .dummy_media import DummyMedia
 from .engine import detect_engine, probe_blocker
 from .imod import ModalityBalance, check_imod_data
 from .modality import NON_TEXT_MODALITIES, ModalityProfile, profile_dataset, sample_rows
@@ -32,6 +32,7 @@ from .plan_report import print_plan
 from .probe import ProbeResult, ProbeSettings, build_probe_batch, choose_probe_rows, probe_reachability
 from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
 from .release import ReleaseRecord, releasable_roots, release_blocker, release_towers
+from .sharding import engine_name, gathered
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
 from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
@@ -167,7 +168,7 @@ class MMSFTTrainer(SFTTrainer):
             self.batch_guard = BatchModalityGuard(self.modality_profile, getattr(model, "config", None), released)
         # Sharded engines (FSDP, ZeRO-3): media towers run on every micro-batch, on a zero-contribution dummy input
         # where the micro-batch holds no such media, so that every rank's collectives match (None elsewhere).
-        self.dummy_media: DummyMedia | None = self._dummy_media()
+        self.dummy_media: DummyMedia | None = DummyMedia.for_trainer(self)
         # Keep last: the audit's init record must see the adapters exactly as training starts from them.
         self.auditor: TrainingAuditor | None = TrainingAuditor(self) if self.args.audit and self.adapters else None
         self.add_callback(MMTrainerCallback(self))  # re-binds after `accelerator.prepare`; marks checkpoints complete
@@ -330,33 +331,6 @@ class MMSFTTrainer(SFTTrainer):
         evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset] if eval_dataset else []
         return all(profile_dataset(ds, max_rows=args.modality_sample_rows).text_only for ds in evals)
 
-    def _dummy_media(self) -> DummyMedia | None:
-        """A :class:`DummyMedia` for the media towers the data reaches, when the engine shards parameters."""
-        engine = detect_engine(self.args)
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if not (self.is_fsdp_enabled or zero3 or engine.shards_parameters) or self.target_plan is None:
-            return None
-        released = {r.tower for r in self.released_towers}
-        towers = [t for t in ("vision", "audio") if t in self.modality_profile.reached_towers() and t not in released]
-        towers = [t for t in towers if t in self.tower_map.present_towers()]
-        language = [path for path, (tower, _) in self.tower_map.roots.items() if tower == "language"]
-        if not towers:
-            return None
-        roots = {t: [path for path, (tower, _) in self.tower_map.roots.items() if tower == t] for t in towers}
-        roots[towers[-1]] += [path for path, (tower, _) in self.tower_map.roots.items() if tower == "projector"]
-        base = self.model.get_base_model() if _is_peft_model(self.model) else self.model
-        try:
-            if not language:
-                raise DummyMediaError("the tower map found no language model to attach the dummy to")
-            return DummyMedia(base, roots, language[0], self.processing_class, self.telemetry)
-        except DummyMediaError as err:
-            raise ValueError(
-                f"Data with {'/'.join(towers)} media under {engine.name if engine.name != 'plain' else 'a sharded engine'}"
-                f" needs every rank to run the {'/'.join(towers)} tower on every micro-batch (its sharded weights are "
-                f"gathered collectively), and mm-trainer cannot build a dummy input for it: {err}. Use data in which "
-                "every row holds the same media, or train with DDP or DeepSpeed ZeRO-2 (no parameter sharding)."
-            ) from err
-
     # ----------------------------------------------------------------------------------------------------------------
     # Training hooks
     # ----------------------------------------------------------------------------------------------------------------
@@ -422,10 +396,34 @@ class MMSFTTrainer(SFTTrainer):
         adapter is written first and is kept whatever happens to the audit.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super().save_model(output_dir, _internal_call=True)  # the Hub push, if any, comes after our files below
+        if self.is_fsdp_enabled and engine_name(self) == "fsdp2" and _is_peft_model(self.model):
+            self._save_fsdp2_adapter(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call=True)  # the Hub push, if any, comes after our files below
         self._save_mm_files(Path(output_dir))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_fsdp2_adapter(self, output_dir: str) -> None:
+        """Save the adapter of an FSDP2 run (every rank calls this).
+
+        ``Trainer.save_model`` hands PEFT the state dict from ``accelerator.get_state_dict``, whose LoRA tensors are
+        still sharded ``DTensor`` s, and PEFT's save fails on them. Here every rank gathers the whole tensors of what
+        PEFT keeps (the adapter weights, small), then the saving process writes them through the Trainer's usual
+        ``_save`` (``save_pretrained`` with that state dict, the processor, the training arguments).
+        """
+        from peft import get_peft_model_state_dict
+
+        state = self.model.state_dict()  # DTensor values; nothing is gathered yet
+        kept = {id(v) for v in get_peft_model_state_dict(self.model, state_dict=state).values()}
+        whole = {}
+        for key, value in state.items():  # same order on every rank: the gathers match
+            if id(value) in kept:
+                with gathered([value]) as (full,):
+                    value = full.cpu()
+            whole[key] = value
+        if self.args.should_save:
+            self._save(output_dir, state_dict=whole)
 
     def _save_mm_files(self, output_dir: Path) -> None:
         """Write ``mm_trainer_state.json``, ``quantization.json`` and the audit into ``output_dir`` (every rank calls
@@ -467,8 +465,24 @@ class MMSFTTrainer(SFTTrainer):
                 "construction and `train()`."
             )
         self.adapters = adapters
+        engine = engine_name(self)
+        world = self.accelerator.num_processes
+        reduce_sum = None
+        if world > 1:  # on the process group's device (FSDP2 may offload gradients to the CPU)
+            reduce_sum = lambda t: self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum")  # noqa: E731
+        if engine == "fsdp1" and self.auditor is not None:
+            self.auditor.unknown_reason = (
+                "FSDP1 flattens the adapter weights and gradients into shards that mm-trainer does not read, so "
+                "gradient telemetry and the adapters' statuses are not checked under it (they are with FSDP2: set "
+                "`fsdp_version: 2` in the accelerate config)."
+            )
+            logger.warning("mm-trainer: %s The audit's verdict will be 'unknown'.", self.auditor.unknown_reason)
         if self.telemetry is not None:
-            self.telemetry.bind(adapters)
+            # DeepSpeed runs its optimizer step inside `accelerator.backward`, after moving the reduced gradients into
+            # its own partitions: telemetry reads each micro-batch's gradient as autograd delivers it instead.
+            self.telemetry.bind(
+                adapters, reduce_sum=reduce_sum, capture_gradients=engine == "deepspeed", world_size=world
+            )
         if self.modality_balance is not None:
             self.modality_balance.bind(adapters)
 

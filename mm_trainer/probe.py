@@ -22,6 +22,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +43,9 @@ class ProbeResult:
         candidates: Module paths that were watched.
         fired: Paths whose forward ran on the batch.
         nonzero_grad: Paths whose LoRA stand-in got a non-zero gradient.
-        zero_input: Paths that fired but whose input was exactly zero on every call (so no adapter on them can
-            learn, whatever the gradient at their output).
+        zero_input: Paths that fired but whose input was exactly zero on every call of the first step.
+        reached_later: Paths (in ``nonzero_grad``) whose gradient is zero on the first step only: it becomes non-zero
+            once the adapters upstream have moved off their zero init (a second pass with perturbed stand-ins).
         batch_modalities: Non-text modalities the probe batch carried.
         loss: The probe loss.
         rows: Number of rows in the probe batch.
@@ -55,6 +57,7 @@ class ProbeResult:
     fired: set[str] = field(default_factory=set)
     nonzero_grad: set[str] = field(default_factory=set)
     zero_input: set[str] = field(default_factory=set)
+    reached_later: set[str] = field(default_factory=set)
     batch_modalities: set[str] = field(default_factory=set)
     loss: float = float("nan")
     rows: int = 0
@@ -81,6 +84,8 @@ class ProbeResult:
                     f"probe: zero grad in a {mode}step (its input is all zeros, e.g. behind a zero-initialised scale)"
                 )
             return f"probe: zero grad in a {mode}step on a batch of the data"
+        if name in self.reached_later:
+            return "reached: non-zero gradient once the adapters upstream have moved (zero on the first step)"
         return "reached: probe saw a non-zero gradient"
 
     def unreached(self) -> list[str]:
@@ -95,6 +100,7 @@ class ProbeResult:
             "never_fired": [n for n in self.candidates if n not in self.fired],
             "zero_grad": [n for n in self.candidates if n in self.fired and n not in self.nonzero_grad],
             "zero_input": [n for n in self.candidates if n in self.zero_input and n not in self.nonzero_grad],
+            "reached_later": [n for n in self.candidates if n in self.reached_later],
             "batch_modalities": sorted(self.batch_modalities),
             "loss": self.loss,
             "rows": self.rows,
@@ -204,6 +210,14 @@ class _LoraStandIn:
     def reached(self) -> bool:
         return self.b is not None and self.b.grad is not None and bool(torch.any(self.b.grad != 0))
 
+    def move(self) -> None:
+        """Give ``b`` a small random value, as an adapter has after a few steps (``a`` stays)."""
+        if self.b is None:
+            return
+        fan_in = self.a.numel() if self.a is not None else 1
+        value = torch.randn(self.b.shape, generator=self.generator) * (1e-3 / fan_in**0.5)
+        self.b = value.to(self.b.device).requires_grad_(True)
+
 
 def probe_reachability(
     model: nn.Module,
@@ -245,28 +259,30 @@ def probe_reachability(
     handles = [modules[n].register_forward_hook(s.hook, with_kwargs=True) for n, s in stand_ins.items()]
     try:
         with _as_in_training(model, settings, device):
-            autocast = (
-                torch.autocast(device_type=device.type, dtype=settings.autocast_dtype)
-                if settings.autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with torch.enable_grad():
-                with autocast:
-                    outputs = model(**inputs)
-                    loss = _loss_from(outputs, batch)
-                if loss.requires_grad:
-                    loss.backward()
-            result.loss = float(loss.detach().float())
+            result.loss = _step(model, inputs, batch, settings, device)
+            for name, s in stand_ins.items():
+                if s.fired:
+                    result.fired.add(name)
+                    if not s.nonzero_input:
+                        result.zero_input.add(name)
+                if s.reached():
+                    result.nonzero_grad.add(name)
+            pending = [n for n in names if n in result.fired and n not in result.nonzero_grad]
+            if pending:
+                # Zero on the first step may only mean that an adapter upstream still is at its zero init (e.g. on a
+                # linear whose base weight is zero). A second step with the reached modules' stand-ins moved (those
+                # are the adapters training will have) tells those apart from modules that stay dead (a frozen zero
+                # scale, a masked-out branch).
+                for name in result.nonzero_grad:
+                    stand_ins[name].move()
+                for name in pending:
+                    stand_ins[name].b = None  # a fresh zero leaf at its first call
+                if math.isfinite(_step(model, inputs, batch, settings, device)):
+                    result.reached_later = {n for n in pending if stand_ins[n].reached()}
+                    result.nonzero_grad |= result.reached_later
     finally:
         for h in handles:
             h.remove()
-    for name, s in stand_ins.items():
-        if s.fired:
-            result.fired.add(name)
-            if not s.nonzero_input:
-                result.zero_input.add(name)
-        if s.reached():
-            result.nonzero_grad.add(name)
     input_ids = batch.get("input_ids")
     if input_ids is not None:
         result.rows = int(input_ids.shape[0])
@@ -274,6 +290,24 @@ def probe_reachability(
         result.tokens = int(mask.sum()) if mask is not None else int(input_ids.numel())
     result.batch_modalities = batch_modalities(batch)
     return result
+
+
+def _step(
+    model: nn.Module, inputs: dict[str, Any], batch: Mapping[str, Any], settings: ProbeSettings, device
+) -> float:
+    """One forward + backward as training runs it; returns the loss."""
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=settings.autocast_dtype)
+        if settings.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.enable_grad():
+        with autocast:
+            outputs = model(**inputs)
+            loss = _loss_from(outputs, batch)
+        if loss.requires_grad:
+            loss.backward()
+    return float(loss.detach().float())
 
 
 @contextlib.contextmanager

@@ -50,7 +50,8 @@ def _trained_in_a_training_step(
     return {n for n in names if n in fired and grads[n] is not None and torch.count_nonzero(grads[n]) > 0}
 
 
-def _statuses(output_dir: Path) -> dict[str, str]:
+def _statuses(output_dir: Path) -> tuple[dict[str, str], str]:
+    """The saved audit's module statuses and its verdict."""
     audit = json.loads((output_dir / "audit.json").read_text())
     return {m["name"]: m["status"] for m in audit["modules"]}, audit["verdict"]
 
@@ -81,8 +82,8 @@ def test_gemma3n_text_only_keeps_exactly_what_training_trains(tmp_path, settings
 
     layers = range(GEMMA3N_LAYERS)
     never_called_in_training = {f"model.language_model.layers.{i}.altup.correction_coefs" for i in layers}
-    zero_input = {f"model.language_model.layers.{i}.{m}" for i in layers for m in ("per_layer_input_gate",)}
-    zero_input |= {f"model.language_model.layers.{i}.per_layer_projection" for i in layers}
+    gates = ("per_layer_input_gate", "per_layer_projection")
+    zero_input = {f"model.language_model.layers.{i}.{m}" for i in layers for m in gates}
     assert not kept & (never_called_in_training | zero_input)
     probe = trainer.target_plan.probe
     assert all(probe.status(n) == "never_fired" for n in never_called_in_training)
@@ -99,7 +100,7 @@ def test_gemma3n_text_only_keeps_exactly_what_training_trains(tmp_path, settings
     assert verdict == "pass" and set(statuses.values()) == {"trained"}
 
 
-def test_gemma3n_gates_reached_once_their_scale_is_trained():
+def test_gemma3n_gates_reached_with_a_pretrained_like_scale():
     """The per-layer gates are dropped for the zero scale, not for what they are: with a pretrained-like non-zero
     ``correct_output_scale`` the same probe reaches them (``correction_coefs`` still never runs in training)."""
     model = tiny_gemma3n()
@@ -247,3 +248,42 @@ def test_zero_input_is_not_reached():
     with torch.no_grad():
         model.scale.fill_(1.0)
     assert probe_reachability(model, batch, ["gate"]).status("gate") == "reached"
+
+
+def test_zero_on_the_first_step_only_is_reached_later():
+    """A linear fed by a zero-initialised linear gets a zero gradient on step 1 only: once the adapter upstream has
+    moved, its input is non-zero. The probe's second pass keeps it; real LoRA training confirms it trains."""
+
+    class ZeroInitChain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.opener = nn.Linear(8, 8, bias=False)
+            self.after = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 16)
+            nn.init.zeros_(self.opener.weight)
+
+        def forward(self, input_ids, labels):
+            h = self.embed(input_ids)
+            logits = self.head(h + self.after(self.opener(h)))
+            return {"loss": nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+    torch.manual_seed(0)
+    model = ZeroInitChain()
+    batch = {"input_ids": torch.randint(0, 16, (2, 5)), "labels": torch.randint(0, 16, (2, 5))}
+    result = probe_reachability(model, batch, ["opener", "after", "head"])
+    assert result.nonzero_grad == {"opener", "after", "head"} and result.reached_later == {"after"}
+    assert "first step" in result.reason("after")
+
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["opener", "after"]))
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    lora_b = peft_model.base_model.model.after.lora_B["default"].weight
+    grads = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        peft_model(**batch)["loss"].backward()
+        grads.append(torch.count_nonzero(lora_b.grad).item())
+        optimizer.step()
+    assert grads[0] == 0 and grads[1] > 0

@@ -158,9 +158,10 @@ def checkpoint_skip_modules(
 
 
 def spec_of_model(model: nn.Module) -> Nf4Spec:
-    """The :class:`Nf4Spec` of a bitsandbytes 4-bit model (from its first ``Linear4bit``)."""
+    """The :class:`Nf4Spec` of a bitsandbytes 4-bit model (from its first ``Linear4bit`` that still holds its 4-bit
+    weight: a released tower's layers hold empty plain tensors)."""
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
+        if type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_type"):
             weight = module.weight
             state = getattr(weight, "quant_state", None)
             return Nf4Spec(

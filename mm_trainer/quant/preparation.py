@@ -199,7 +199,10 @@ class QuantizedBase:
             spec = spec_of_model(model)
             qconfig = getattr(model.config, "quantization_config", None)
             skipped = list(getattr(qconfig, "llm_int8_skip_modules", None) or [])
-            quantized = [n for n, m in modules.items() if type(m).__name__ == "Linear4bit"]
+            # Layers still holding their 4-bit weight (a released tower's layers hold empty plain tensors).
+            quantized = [
+                n for n, m in modules.items() if type(m).__name__ == "Linear4bit" and hasattr(m.weight, "quant_type")
+            ]
             base = cls(
                 mode=args.quantization,
                 method="from_pretrained",

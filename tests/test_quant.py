@@ -508,36 +508,24 @@ def test_conflicting_settings_are_clear_errors(tmp_path, saved_vlm):
         _args(tmp_path, quantization="qlora", quant_compute_dtype="int4")
     assert _args(tmp_path, quant_skip_towers="vision,output").quant_skip_towers == ["vision", "output"]
     lora = LoraConfig(r=4, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="builds the 4-bit config itself"):
-        MMSFTTrainer(
-            model=str(saved_vlm),
-            args=_args(tmp_path, quantization="qlora"),
-            train_dataset=text_dataset(4),
-            peft_config=lora,
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True),
-        )
-    with pytest.raises(ValueError, match="needs a `peft_config`"):
-        MMSFTTrainer(model=str(saved_vlm), args=_args(tmp_path, quantization="qlora"), train_dataset=text_dataset(4))
+
+    def refused(match: str, args: MMSFTConfig, **kwargs) -> None:
+        with pytest.raises(ValueError, match=match):
+            MMSFTTrainer(model=str(saved_vlm), args=args, train_dataset=text_dataset(4), **kwargs)
+
+    qlora = _args(tmp_path, quantization="qlora")
+    bnb = BitsAndBytesConfig(load_in_4bit=True)
+    refused("builds the 4-bit config itself", qlora, peft_config=lora, quantization_config=bnb)
+    refused("needs a `peft_config`", qlora)
     peft_loftq = LoraConfig(r=4, target_modules=["q_proj"])
     peft_loftq.init_lora_weights = "loftq"  # (LoraConfig itself wants scipy for it, absent here)
-    with pytest.raises(ValueError, match="Set `MMSFTConfig\\(quantization='loftq'\\)` instead"):
-        MMSFTTrainer(model=str(saved_vlm), args=_args(tmp_path), train_dataset=text_dataset(4), peft_config=peft_loftq)
-    # Both LoftQs at once: refused, not silently switched to one (the user's config and the resolved copy unchanged).
-    with pytest.raises(ValueError, match="Remove `init_lora_weights`"):
-        MMSFTTrainer(
-            model=str(saved_vlm),
-            args=_args(tmp_path, quantization="loftq"),
-            train_dataset=text_dataset(4),
-            peft_config=peft_loftq,
-        )
+    refused("Set `MMSFTConfig\\(quantization='loftq'\\)` instead", _args(tmp_path), peft_config=peft_loftq)
+    # Both LoftQs at once: refused, not silently switched to one (the user's config unchanged).
+    loftq = _args(tmp_path, quantization="loftq")
+    refused("Remove `init_lora_weights`", loftq, peft_config=peft_loftq)
     assert peft_loftq.init_lora_weights == "loftq"
-    with pytest.raises(ValueError, match="cannot be combined with `init_lora_weights='eva'`"):
-        MMSFTTrainer(
-            model=str(saved_vlm),
-            args=_args(tmp_path, quantization="loftq"),
-            train_dataset=text_dataset(4),
-            peft_config=LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva"),
-        )
+    eva = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva")
+    refused("cannot be combined with `init_lora_weights='eva'`", loftq, peft_config=eva)
 
 
 @pytest.mark.gpu
@@ -643,3 +631,21 @@ def test_bitsandbytes_cpu_repacking_is_undone_and_switched_off():
     # float32 compute: only the summation order over 64 products differs from the reference matmul.
     bound = 64 * torch.finfo(torch.float32).eps * (x.abs() @ restored.abs().T + linear.bias.detach().abs())
     assert ((out - reference).abs() <= bound).all()
+
+
+def test_loftq_quantizes_the_weight_minus_the_previous_adapter():
+    """LoftQ's step t quantizes ``W - s * B_{t-1} @ A_{t-1}`` (the sign matters: ``+`` would chase the wrong residual);
+    checked bit for bit against that target computed here, and against the rebuild from the saved offsets."""
+    from mm_trainer.quant.loftq import rebuild_quantized
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64) * 0.05
+    spec, rank, scaling = Nf4Spec(), 4, 2.0
+    one = loftq_decompose(weight, rank, scaling, spec, iters=1)
+    two = loftq_decompose(weight, rank, scaling, spec, iters=2)
+    assert torch.equal(two.offset_A, one.lora_A) and torch.equal(two.offset_B, one.lora_B)
+    target = (weight.double() - scaling * (one.lora_B.double() @ one.lora_A.double())).float()
+    expected, _ = spec.quantize(target)
+    assert torch.equal(two.packed, expected)
+    rebuilt, _ = rebuild_quantized(weight, spec, scaling, two.offset_B, two.offset_A)
+    assert torch.equal(rebuilt, two.packed)

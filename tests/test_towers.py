@@ -75,15 +75,19 @@ def test_peft_wrapped_paths_map_like_the_base(family):
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model(family)
-    base_towers = map_towers(model).towers
+    base = map_towers(model)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     tmap = map_towers(peft_model)
-    assert tmap.tower_of("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default") == (
-        "language"
-    )
-    lora_linear = [n for n in tmap.linears if "lora_" in n]
-    assert not lora_linear  # adapters are not counted as base linear layers
-    assert {n: t for n, t in tmap.towers.items() if n in base_towers and "lora" not in n}
+    # The same linear layers (paths, towers, shapes, counts) and the same output head as the unwrapped model.
+    assert tmap.linears == base.linears and tmap.output_name == base.output_name
+    assert set(base.towers) <= set(tmap.towers)
+    assert {n: tmap.towers[n] for n in base.towers} == base.towers
+    # Every adapter path, with or without PEFT's prefix, is in the tower of the layer it adapts.
+    adapted = [n for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")]
+    assert adapted
+    for name in adapted:
+        for path in (f"{name}.lora_A.default", f"base_model.model.{name}.lora_B.default"):
+            assert tmap.tower_of(path) == base.tower_of(name), path
 
 
 # --------------------------------------------------------------------------------------------------------------------

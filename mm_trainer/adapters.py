@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .sharding import full_numel
 from .towers import TowerMap, strip_peft_prefix
 
 
@@ -19,6 +20,8 @@ class LoraAdapter:
         module: The PEFT LoRA layer.
         lora_A: Parameter of A (``r x in``; for embeddings PEFT's ``lora_embedding_A``).
         lora_B: Parameter of B (``out x r``).
+        param_names: Names of A and B in the base model (``<name>.lora_A.default.weight``, ...): how the audit tells
+            LoRA weights from other trainable parameters when an engine has replaced the parameter objects.
     """
 
     name: str
@@ -26,22 +29,28 @@ class LoraAdapter:
     module: nn.Module
     lora_A: nn.Parameter
     lora_B: nn.Parameter
+    param_names: tuple[str, str] = ("", "")
 
     @property
     def params(self) -> int:
-        """Trainable parameters of this adapter (A and B)."""
-        return self.lora_A.numel() + self.lora_B.numel()
+        """Trainable parameters of this adapter (A and B), counted whole however the engine shards them."""
+        return full_numel(self.lora_A) + full_numel(self.lora_B)
 
 
-def _adapter_weights(module: nn.Module, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter] | None:
+def _adapter_weights(
+    module: nn.Module, adapter_name: str
+) -> tuple[nn.Parameter, nn.Parameter, tuple[str, str]] | None:
+    """A, B and their names relative to ``module`` (``None`` when ``module`` holds no LoRA of ``adapter_name``)."""
     lora_a = getattr(module, "lora_A", None)
     lora_b = getattr(module, "lora_B", None)
     if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a and adapter_name in lora_b:
-        return lora_a[adapter_name].weight, lora_b[adapter_name].weight
+        names = (f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight")
+        return lora_a[adapter_name].weight, lora_b[adapter_name].weight, names
     emb_a = getattr(module, "lora_embedding_A", None)
     emb_b = getattr(module, "lora_embedding_B", None)
     if isinstance(emb_a, nn.ParameterDict) and adapter_name in emb_a and adapter_name in emb_b:
-        return emb_a[adapter_name], emb_b[adapter_name]
+        names = (f"lora_embedding_A.{adapter_name}", f"lora_embedding_B.{adapter_name}")
+        return emb_a[adapter_name], emb_b[adapter_name], names
     return None
 
 
@@ -62,5 +71,6 @@ def lora_adapters(
             continue
         name = strip_peft_prefix(path)
         tower = tower_map.tower_of(name) if tower_map is not None else "other"
-        out.append(LoraAdapter(name, tower, module, weights[0], weights[1]))
+        lora_a, lora_b, (name_a, name_b) = weights
+        out.append(LoraAdapter(name, tower, module, lora_a, lora_b, (f"{name}.{name_a}", f"{name}.{name_b}")))
     return out

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .sharding import is_zero3_param
+
 
 @dataclass(frozen=True)
 class Engine:
@@ -64,7 +66,7 @@ def detect_engine(args: Any) -> Engine:
 
 def is_zero3_partitioned(model: Any) -> bool:
     """True when ``model``'s weights are already partitioned by DeepSpeed ZeRO-3 (``zero.Init`` at load)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    return any(is_zero3_param(p) for p in model.parameters())
 
 
 def probe_blocker(model: Any, engine: Engine) -> str | None:

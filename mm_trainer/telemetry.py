@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .adapters import LoraAdapter
+from .sharding import full_numel, full_shape, is_dtensor, local_tensor
 
 
 class TowerTelemetry:
@@ -18,7 +20,9 @@ class TowerTelemetry:
     DDP, reduced) and before they are clipped or zeroed. :meth:`flush` returns the means since the last flush, ready
     for ``Trainer.log``, and appends them to :attr:`history`.
 
-    The cost is one fused norm over the adapters' gradients and one device-to-host copy per step.
+    The cost is one norm per adapter weight and one device-to-host copy per step; with sharded gradients (FSDP2) one
+    all-reduce of one number per adapter, with captured ones (DeepSpeed, see :meth:`bind`) one all-reduce of the
+    adapters' gradients. Every rank ends with the same numbers.
 
     Args:
         adapters: The adapters to watch.
@@ -34,18 +38,60 @@ class TowerTelemetry:
         self.history: list[dict[str, Any]] = []
         self._pending: dict[str, list[float]] = defaultdict(list)
         self._hooks: list[Any] = []
+        self._grad_hooks: list[Any] = []
+        self._captured: list[torch.Tensor] | None = None
+        self._captured_flat = torch.zeros(0)
+        self._sizes: list[int] = []
+        self._reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._world_size = 1
         self.steps_collected = 0
 
-    def bind(self, adapters: list[LoraAdapter]) -> None:
+    def bind(
+        self,
+        adapters: list[LoraAdapter],
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        capture_gradients: bool = False,
+        world_size: int = 1,
+    ) -> None:
         """Watch ``adapters`` from now on: the same modules, by name and order, whose parameters the engine may have
         replaced (``accelerator.prepare`` under FSDP2). Counters and history carry over.
 
+        Args:
+            adapters: The adapters of the prepared model.
+            reduce_sum: Sums a tensor over the ranks (every rank calls it at the same steps). Needed when gradients
+                are sharded (FSDP2: each rank sums the squares of its shards, one all-reduce of one number per
+                adapter per step) or captured (``capture_gradients``).
+            capture_gradients: Read each micro-batch's gradient with a hook on A and B as autograd delivers it, and
+                average the step's sum over the ranks at :meth:`collect` (one all-reduce of the adapters' gradients
+                per step). For engines whose optimizer step runs inside ``accelerator.backward`` and that keep the
+                reduced gradients in their own buffers (DeepSpeed): ``p.grad`` is gone when :meth:`collect` runs.
+            world_size: Number of ranks the captured gradients are averaged over (as DDP and DeepSpeed average).
+
         Raises:
-            ValueError: ``adapters`` are not the watched ones.
+            ValueError: ``adapters`` are not the watched ones, or ``capture_gradients`` without ``reduce_sum`` on
+                several ranks.
         """
         if [a.name for a in adapters] != [a.name for a in self.adapters]:
             raise ValueError("TowerTelemetry.bind takes the same adapters (names, order) it was built with.")
+        if capture_gradients and world_size > 1 and reduce_sum is None:
+            raise ValueError("capture_gradients on several ranks needs `reduce_sum` to average the gradients.")
         self.adapters = list(adapters)
+        self._reduce_sum = reduce_sum
+        self._world_size = world_size
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks.clear()
+        self._captured = None
+        if capture_gradients:
+            params = [p for a in self.adapters for p in (a.lora_A, a.lora_B)]
+            # One flat fp32 buffer of the whole weights (a ZeRO-3 partition's own shape is empty), the same on
+            # every rank, with one view per weight: a micro-batch's gradient is added to its view by the hook.
+            self._sizes = [full_numel(p) for p in params]
+            self._captured_flat = torch.zeros(sum(self._sizes), dtype=torch.float32, device=params[0].device)
+            views = torch.split(self._captured_flat, self._sizes)
+            self._captured = [v.view(full_shape(p)) for v, p in zip(views, params)]
+            for view, p in zip(self._captured, params):
+                self._grad_hooks.append(p.register_hook(_adder(view)))
 
     # ---------------------------------------------------------------------------------------------------------------
     def watch_forward(self) -> None:
@@ -75,21 +121,12 @@ class TowerTelemetry:
     # ---------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self) -> None:
-        """Measure the current gradients of every adapter (call once per optimizer step, before clipping)."""
+        """Measure the gradients of the optimizer step of every adapter (call once per optimizer step, on every rank,
+        after the step's gradients are complete and before they are clipped: after ``accelerator.backward`` of the
+        step's last micro-batch)."""
         if not self.adapters:
             return
-        grads: list[torch.Tensor] = []
-        owners: list[int] = []
-        for i, adapter in enumerate(self.adapters):
-            for p in (adapter.lora_A, adapter.lora_B):
-                if p.grad is not None:
-                    grads.append(p.grad)
-                    owners.append(i)
-        sq = torch.zeros(len(self.adapters), dtype=torch.float64)
-        if grads:
-            norms = torch._foreach_norm(grads)
-            per_param = _to_host([n.float() for n in norms]).double() ** 2
-            sq.index_add_(0, torch.tensor(owners, dtype=torch.long), per_param)
+        sq = self._squared_norms()
         nonzero = sq > 0
         tower_sq = torch.zeros(len(self.towers), dtype=torch.float64).index_add_(0, self._tower_index, sq)
         tower_active = torch.zeros(len(self.towers), dtype=torch.float64).index_add_(
@@ -101,6 +138,46 @@ class TowerTelemetry:
             self._pending[f"grad_norm/{tower}"].append(math.sqrt(float(tower_sq[t])))
             self._pending[f"active_adapters/{tower}"].append(float(tower_active[t] / self._counts[t]))
         self.steps_collected += 1
+
+    def _squared_norms(self) -> torch.Tensor:
+        """Squared norm of each adapter's step gradient (A and B together), float64 on the host, equal on all ranks."""
+        n = len(self.adapters)
+        if self._captured is not None:
+            return self._captured_squared_norms()
+        # FSDP2: each rank holds a shard of every gradient and the squares add up over the ranks. Decided from the
+        # parameters, the same on every rank, so that every rank joins the all-reduce.
+        summed = self._reduce_sum is not None and any(
+            is_dtensor(p) for a in self.adapters for p in (a.lora_A, a.lora_B)
+        )
+        grads: list[torch.Tensor] = []
+        owners: list[int] = []
+        weights: list[float] = []
+        for i, adapter in enumerate(self.adapters):
+            for p in (adapter.lora_A, adapter.lora_B):
+                if p.grad is not None:
+                    grads.append(local_tensor(p.grad))
+                    owners.append(i)
+                    # Under the sum over ranks, count an element held by several ranks once.
+                    weights.append(_replica_weight(p.grad, self._world_size) if summed else 1.0)
+        sq = torch.zeros(n, dtype=torch.float64)
+        if grads:
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            per_param = _to_host(norms).double() ** 2 * torch.tensor(weights, dtype=torch.float64)
+            sq.index_add_(0, torch.tensor(owners, dtype=torch.long), per_param)
+        if summed:
+            sq = self._reduce_sum(sq).cpu()
+        return sq
+
+    def _captured_squared_norms(self) -> torch.Tensor:
+        """The captured step gradients summed over the ranks and averaged, as DDP's ``p.grad``; then zeroed."""
+        flat = self._captured_flat
+        if self._reduce_sum is not None:
+            flat = self._reduce_sum(flat) / self._world_size
+        norms = [torch.linalg.vector_norm(part, dtype=torch.float32) for part in torch.split(flat, self._sizes)]
+        per_param = _to_host(norms).double() ** 2
+        self._captured_flat.zero_()
+        sq = torch.zeros(len(self.adapters), dtype=torch.float64)
+        return sq.index_add_(0, torch.arange(len(self.adapters)).repeat_interleave(2), per_param)
 
     def flush(self, step: int) -> dict[str, float]:
         """Means since the last flush (``grad_norm/<tower>``, ``active_adapters/<tower>``); recorded in history."""
@@ -129,6 +206,27 @@ class TowerTelemetry:
                 self.nonzero_steps[name] = int(count)
         self.fired |= set(state.get("fired", [])) & set(self.nonzero_steps)
         self.steps_collected = int(state.get("steps_collected", 0))
+
+
+def _adder(view: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A tensor hook that adds the gradient it is given to ``view`` and leaves the gradient as it is."""
+
+    def hook(grad: torch.Tensor) -> None:
+        view.add_(grad.detach())
+
+    return hook
+
+
+def _replica_weight(grad: torch.Tensor, world_size: int) -> float:
+    """``1 / copies`` of a gradient whose squares are summed over all ranks: a ``DTensor`` counts its ``Replicate``
+    mesh dimensions (HSDP), a plain tensor is held whole by every rank."""
+    if not is_dtensor(grad):
+        return 1.0 / world_size
+    copies = 1
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_replicate():
+            copies *= grad.device_mesh.size(dim)
+    return 1.0 / copies
 
 
 def _to_host(values: list[torch.Tensor]) -> torch.Tensor:

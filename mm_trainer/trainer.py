@@ -40,6 +40,7 @@ from .release import (
     release_towers,
     release_unloaded_towers,
 )
+from .sharding import engine_name, gathered
 from .targets import TargetPlan, matched_modules, resolve_targets
 from .telemetry import TowerTelemetry
 from .tower_loading import UnloadedTowers, load_without, plan_unloaded
@@ -233,8 +234,10 @@ class MMSFTTrainer(SFTTrainer):
         """The towers a load of ``model_id`` can leave out: unreached by the data, not selected, under an engine the
         release goes with (``None`` when there are none, or the load cannot place them apart)."""
         engine = detect_engine(args)
-        if engine.fsdp_version == 1 or engine.zero_stage == 3:
-            return None  # FSDP1 refuses the release; ZeRO-3 may partition at load (both decided on the loaded model)
+        if engine.fsdp_version is not None or engine.zero_stage == 3:
+            # FSDP1 refuses the release, FSDP's cpu_ram_efficient_loading and ZeRO-3's zero.Init place weights at load
+            # themselves: under sharded engines the towers are loaded, then released as decided on the loaded model.
+            return None
         reached = set(self.modality_profile.reached_towers())
         selected = set(args.target_towers) if isinstance(args.target_towers, (list, tuple)) else set()
         trust = bool(kwargs.get("trust_remote_code"))
@@ -436,10 +439,34 @@ class MMSFTTrainer(SFTTrainer):
         adapter is written first and is kept whatever happens to the audit.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super().save_model(output_dir, _internal_call=True)  # the Hub push, if any, comes after our files below
+        if self.is_fsdp_enabled and engine_name(self) == "fsdp2" and _is_peft_model(self.model):
+            self._save_fsdp2_adapter(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call=True)  # the Hub push, if any, comes after our files below
         self._save_mm_files(Path(output_dir))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_fsdp2_adapter(self, output_dir: str) -> None:
+        """Save the adapter of an FSDP2 run (every rank calls this).
+
+        ``Trainer.save_model`` hands PEFT the state dict from ``accelerator.get_state_dict``, whose LoRA tensors are
+        still sharded ``DTensor`` s, and PEFT's save fails on them. Here every rank gathers the whole tensors of what
+        PEFT keeps (the adapter weights, small), then the saving process writes them through the Trainer's usual
+        ``_save`` (``save_pretrained`` with that state dict, the processor, the training arguments).
+        """
+        from peft import get_peft_model_state_dict
+
+        state = self.model.state_dict()  # DTensor values; nothing is gathered yet
+        kept = {id(v) for v in get_peft_model_state_dict(self.model, state_dict=state).values()}
+        whole = {}
+        for key, value in state.items():  # same order on every rank: the gathers match
+            if id(value) in kept:
+                with gathered([value]) as (full,):
+                    value = full.cpu()
+            whole[key] = value
+        if self.args.should_save:
+            self._save(output_dir, state_dict=whole)
 
     def _save_mm_files(self, output_dir: Path) -> None:
         """Write ``mm_trainer_state.json``, ``quantization.json`` and the audit into ``output_dir`` (every rank calls
@@ -481,8 +508,24 @@ class MMSFTTrainer(SFTTrainer):
                 "construction and `train()`."
             )
         self.adapters = adapters
+        engine = engine_name(self)
+        world = self.accelerator.num_processes
+        reduce_sum = None
+        if world > 1:  # on the process group's device (FSDP2 may offload gradients to the CPU)
+            reduce_sum = lambda t: self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum")  # noqa: E731
+        if engine == "fsdp1" and self.auditor is not None:
+            self.auditor.unknown_reason = (
+                "FSDP1 flattens the adapter weights and gradients into shards that mm-trainer does not read, so "
+                "gradient telemetry and the adapters' statuses are not checked under it (they are with FSDP2: set "
+                "`fsdp_version: 2` in the accelerate config)."
+            )
+            logger.warning("mm-trainer: %s The audit's verdict will be 'unknown'.", self.auditor.unknown_reason)
         if self.telemetry is not None:
-            self.telemetry.bind(adapters)
+            # DeepSpeed runs its optimizer step inside `accelerator.backward`, after moving the reduced gradients into
+            # its own partitions: telemetry reads each micro-batch's gradient as autograd delivers it instead.
+            self.telemetry.bind(
+                adapters, reduce_sum=reduce_sum, capture_gradients=engine == "deepspeed", world_size=world
+            )
         if self.modality_balance is not None:
             self.modality_balance.bind(adapters)
 

@@ -3,9 +3,8 @@ with the vision tower released, and ZeRO-3 loading by path (`zero3_init_flag`: p
 
 One launch per engine runs several cases (``tests/scripts/sharded_data.py``); each test compares one case with the
 DDP launch. FSDP2 on CPU needs the test-only shim ``tests/shims/cpu_fsdp`` (accelerate 1.15 drops FSDP on CPU).
-Telemetry and audit are off in these launches (``--telemetry off``): their sharded versions are tested with the
-audit harness (``tests/test_sharded.py``); here the dummy's effect on ``fired`` is checked on one process
-(``tests/test_dummy_media.py``).
+Telemetry and the audit are on: a sharded run must report the same fired adapters and audit statuses as DDP (the
+dummy's forwards do not count as fired; ``tests/test_dummy_media.py`` checks that on one process).
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ def _launch(
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / config),
         "--main_process_port", str(_free_port()), *launch_args, str(SCRIPT), str(out), *cases,
-        "--steps", str(STEPS), "--telemetry", "off",
+        "--steps", str(STEPS),
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -109,6 +108,14 @@ def _assert_same_adapter(out: Path, ref: Path, case: str, atol: float, ref_case:
         torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0, msg=key)
 
 
+def _assert_same_report(out: Path, ref: Path, case: str, ref_case: str | None = None) -> None:
+    """Same fired adapters on every rank and the same audit (statuses, counts, verdict) as the reference run."""
+    expected = _ranks(ref, ref_case or case)[0]
+    infos = _ranks(out, case)
+    assert [i["fired"] for i in infos] == [expected["fired"]] * 2
+    assert infos[0]["audit"] == expected["audit"]
+
+
 def _assert_same_losses(out: Path, ref: Path, case: str, atol: float, ref_case: str | None = None) -> None:
     expected = _ranks(ref, ref_case or case)[0]["losses"]
     for info in _ranks(out, case):
@@ -132,6 +139,7 @@ def test_fsdp2_mixed_data_matches_ddp(ddp, fsdp2):
         assert [i["engine"] for i in infos] == ["fsdp2", "fsdp2"] and [i["steps"] for i in infos] == [STEPS, STEPS]
         _assert_same_losses(fsdp2, ddp, case, LOSS_ATOL)
         _assert_same_adapter(fsdp2, ddp, case, FSDP_ATOL)
+        _assert_same_report(fsdp2, ddp, case)
         assert infos[0]["kept"] == _ranks(ddp, case)[0]["kept"]
         assert any(".visual." in n for n in infos[0]["kept"])
         assert _ranks(ddp, case)[0]["dummy"] is None  # DDP needs no dummy
@@ -146,6 +154,7 @@ def test_zero3_mixed_data_matches_ddp(ddp, zero3):
     assert infos[0]["dummy"]["used"] == {"vision": STEPS} and infos[1]["dummy"]["used"] == {}
     _assert_same_losses(zero3, ddp, "mixed-seq", LOSS_ATOL)
     _assert_same_adapter(zero3, ddp, "mixed-seq", ZERO3_ATOL)
+    _assert_same_report(zero3, ddp, "mixed-seq")
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
@@ -156,6 +165,7 @@ def test_released_tower_under_sharding_matches_ddp(request, ddp, engine):
     assert all(name.startswith("model.language_model.") for name in infos[0]["kept"])
     _assert_same_losses(out, ddp, "text-release", LOSS_ATOL)
     _assert_same_adapter(out, ddp, "text-release", FSDP_ATOL if engine == "fsdp2" else ZERO3_ATOL)
+    _assert_same_report(out, ddp, "text-release")
 
 
 def test_zero3_init_flag_by_path_skips_probe_and_generates(ddp, zero3_init):

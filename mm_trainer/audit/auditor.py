@@ -75,12 +75,15 @@ class TrainingAuditor:
     Attributes:
         record: The :class:`~mm_trainer.audit.record.InitRecord`.
         last_audit: The audit written by the last successful save (``None`` before).
+        unknown_reason: Set when the run's engine does not let the audit be exact (e.g. FSDP1): the verdict is then
+            ``"unknown"`` with this reason first, which never blocks a push.
     """
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.record = InitRecord(trainer.adapters, other_trainable(trainer.model, trainer.adapters))
         self.last_audit: dict[str, Any] | None = None
+        self.unknown_reason: str | None = None
         self._cache: tuple[tuple, dict[str, Any]] | None = None
         self._saved: dict[str, tuple] = {}
 
@@ -99,14 +102,22 @@ class TrainingAuditor:
 
     def prepare_save(self) -> None:
         """Build the audit of the run as it stands; call it on every process at the same points (before a save's
-        :meth:`on_save` and before the end-of-training summary), as building may gather sharded weights."""
-        self.report()
+        :meth:`on_save` and before the end-of-training summary), as building may gather sharded weights. Never
+        raises: a failure here is reported by :meth:`on_save` (``audit_error.txt``), the adapter stays saved."""
+        try:
+            self.report()
+        except Exception:
+            logger.debug("mm-trainer audit could not be built; the save reports it.", exc_info=True)
 
     def report(self) -> dict[str, Any]:
         """The audit of the run as it stands (rebuilt only when a step, a log or a fired adapter was added)."""
         key = self._state_key()
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, build_audit(self.trainer, self.record))
+            audit = build_audit(self.trainer, self.record)
+            if self.unknown_reason is not None:
+                reason = {"level": "unknown", "code": "engine", "message": self.unknown_reason}
+                audit = {**audit, "verdict": "unknown", "reasons": [reason, *audit["reasons"]]}
+            self._cache = (key, audit)
         return self._cache[1]
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +257,7 @@ class TrainingAuditor:
 
             from ..plan_report import console
 
-            colour = {"pass": "green", "warn": "yellow", "fail": "red"}[self.report()["verdict"]]
+            colour = {"pass": "green", "warn": "yellow", "fail": "red", "unknown": "yellow"}[self.report()["verdict"]]
             lines = self.summary_lines()
             out = console()
             out.print(f"[bold {colour}]{escape(lines[0])}[/]")

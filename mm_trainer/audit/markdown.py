@@ -12,7 +12,7 @@ from .naming import group_names
 from .status import DEAD_STATUSES, STATUSES
 from .verdict import FAIL_DEAD_SHARE
 
-_BADGE = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+_BADGE = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "unknown": "UNKNOWN"}
 
 
 def _num(value: Any) -> str:

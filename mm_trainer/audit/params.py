@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..adapters import LoraAdapter
+from ..sharding import full_numel
 from ..towers import TOWERS, TowerMap, strip_peft_prefix
 from .status import ModuleAudit
 
@@ -22,7 +23,7 @@ def param_count(param: nn.Parameter) -> int:
         for d in shape:
             n *= int(d)
         return n
-    return param.numel()
+    return full_numel(param)  # whole, also for an FSDP2 shard or a ZeRO-3 partition
 
 
 def is_4bit(param: nn.Parameter) -> bool:
@@ -32,11 +33,20 @@ def is_4bit(param: nn.Parameter) -> bool:
 
 def other_trainable(model: nn.Module, adapters: Iterable[LoraAdapter]) -> dict[str, nn.Parameter]:
     """Trainable parameters that are not an adapter's A or B (``modules_to_save``, trainable tokens, biases),
-    by name in the base model."""
-    lora_ids = {id(p) for a in adapters for p in (a.lora_A, a.lora_B)}
-    return {
-        strip_peft_prefix(name): p for name, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids
-    }
+    by name in the base model.
+
+    A and B are told apart by name (:attr:`~mm_trainer.adapters.LoraAdapter.param_names`), not by object: FSDP2
+    replaces every parameter object when the model is prepared.
+    """
+    adapters = list(adapters)
+    lora_names = {n for a in adapters for n in a.param_names if n}
+    lora_ids = {id(p) for a in adapters if not all(a.param_names) for p in (a.lora_A, a.lora_B)}
+    out: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        name = strip_peft_prefix(name)
+        if p.requires_grad and name not in lora_names and id(p) not in lora_ids:
+            out[name] = p
+    return out
 
 
 def param_summary(

@@ -5,6 +5,10 @@ the tensor's raw bytes plus its norm and non-zero count. Any change of any bit c
 which at 128 bits do not happen by chance), so "untouched" and "moved" are told apart exactly, also when a move is
 too small to show in a norm. Cost: one pass over the bytes on the host per tensor (SHA-256 runs at 2-3 GB/s on CPUs
 with SHA extensions), only at init and at each save.
+
+Sharded weights (FSDP2 ``DTensor``, DeepSpeed ZeRO-3 partitions) are fingerprinted whole, gathered on every rank:
+the record and every comparison are built on every rank at the same points (construction, ``prepare_save``), so the
+gathers match, and every rank holds the same fingerprints as a DDP run of the same weights.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import torch
 
 from ..adapters import LoraAdapter
+from ..sharding import gathered
 
 RECORD_FORMAT = 1
 """Version of :meth:`InitRecord.state_dict`'s layout."""
@@ -101,6 +106,19 @@ class Movement:
         return self.now_a.all_zero or self.now_b.all_zero
 
 
+def _pairs(adapters: list[LoraAdapter]) -> list[tuple[Fingerprint, Fingerprint]]:
+    """``(fingerprint of A, fingerprint of B)`` per adapter, of the whole weights (gathered on every rank)."""
+    with gathered([p for a in adapters for p in (a.lora_A, a.lora_B)]) as whole:
+        prints = [fingerprint(t) for t in whole]
+    return list(zip(prints[0::2], prints[1::2]))
+
+
+def _fingerprints(params: dict[str, torch.nn.Parameter]) -> dict[str, Fingerprint]:
+    """Name -> fingerprint of the whole parameter (gathered on every rank)."""
+    with gathered(list(params.values())) as whole:
+        return {n: fingerprint(t) for n, t in zip(params, whole)}
+
+
 class InitRecord:
     """Fingerprints of every adapter's A and B (and of any other trainable parameter) as they were at init.
 
@@ -123,10 +141,10 @@ class InitRecord:
     def __init__(
         self, adapters: list[LoraAdapter], other_trainable: dict[str, torch.nn.Parameter] | None = None
     ) -> None:
-        self.adapters: dict[str, tuple[Fingerprint, Fingerprint]] = {
-            a.name: (fingerprint(a.lora_A), fingerprint(a.lora_B)) for a in adapters
-        }
-        self.other: dict[str, Fingerprint] = {n: fingerprint(p) for n, p in (other_trainable or {}).items()}
+        self.adapters: dict[str, tuple[Fingerprint, Fingerprint]] = dict(
+            zip([a.name for a in adapters], _pairs(adapters))
+        )
+        self.other: dict[str, Fingerprint] = _fingerprints(other_trainable or {})
         self.restored = False
         self.lost = False
 
@@ -135,11 +153,9 @@ class InitRecord:
         if self.lost:
             return {}
         out: dict[str, Movement] = {}
-        for adapter in adapters:
-            init = self.adapters.get(adapter.name)
-            if init is None:
-                continue
-            now_a, now_b = fingerprint(adapter.lora_A), fingerprint(adapter.lora_B)
+        recorded = [a for a in adapters if a.name in self.adapters]
+        for adapter, (now_a, now_b) in zip(recorded, _pairs(recorded)):
+            init = self.adapters[adapter.name]
             out[adapter.name] = Movement(
                 moved_a=now_a.digest != init[0].digest,
                 moved_b=now_b.digest != init[1].digest,
@@ -154,7 +170,8 @@ class InitRecord:
         """Name -> whether each recorded non-LoRA trainable parameter moved since init."""
         if self.lost:
             return {}
-        return {n: fingerprint(p).digest != self.other[n].digest for n, p in params.items() if n in self.other}
+        now = _fingerprints({n: p for n, p in params.items() if n in self.other})
+        return {n: f.digest != self.other[n].digest for n, f in now.items()}
 
     # ---------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

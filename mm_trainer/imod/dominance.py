@@ -9,10 +9,12 @@ Choices where the paper is silent:
   ``z_i`` the output of ``lora_B``). The modality of a position attributes its term to text or non-text. The Fisher
   is the empirical one, ``F_m = Σ_sequences (Σ_{i ∈ sequence, i ∈ m} term_i)²``: squared per-sequence gradients,
   summed over the sequences of every micro-batch of the measured optimizer step and over DDP ranks.
-- **No extra backward.** ``x_i`` and ``u_i`` are taken by forward hooks on ``lora_A`` / ``lora_B`` and ``∂L/∂z_i`` by a
-  hook on ``lora_B``'s output during the ordinary backward, on measured steps only (other steps run no hook). On
-  those steps the inputs of the watched layers are held until the backward, which with gradient checkpointing is
-  memory the checkpoint would otherwise free.
+- **No extra backward, no weight read.** ``x_i`` and ``u_i`` are taken by a forward hook on ``lora_A``, ``∂L/∂z_i``
+  and ``∂L/∂u_i`` by tensor hooks on the outputs of ``lora_B`` and ``lora_A`` during the ordinary backward, on
+  measured steps only (other steps run no hook). ``∂L/∂u_i`` comes from autograd, so ``B`` itself is never read: the
+  rate is the same whether the engine holds ``B`` whole (DDP), as a shard (FSDP2) or as an empty ZeRO-3 partition
+  outside its module's backward. On measured steps the inputs of the watched layers are held until the backward,
+  which with gradient checkpointing is memory the checkpoint would otherwise free.
 - **Task gradient only.** The IMoD constraint gradient reaches ``A`` directly, not through ``z``, so it is not part of
   the Fisher: the rate says which modality drives the *task* gradient.
 - **Which parameters.** LoRA ``Linear`` layers of the language model whose input lines up with ``input_ids`` (the
@@ -71,7 +73,7 @@ class DominanceTracker:
         self.latest: dict[str, Any] | None = None
         self.pending: float | None = None
         self._hooks: list[Any] = []
-        self._inputs: dict[int, torch.Tensor] = {}
+        self._grad_z: dict[int, torch.Tensor] = {}
         self._fisher: list[list[torch.Tensor]] | None = None  # per adapter: [F_text_A, F_non_A, F_text_B, F_non_B]
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -79,25 +81,30 @@ class DominanceTracker:
         """Watch the forward and backward of one micro-batch of a measured step."""
         self.disarm()
         if self._fisher is None:
-            self._fisher = [
-                [
-                    torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    for p in (a.lora_A, a.lora_A, a.lora_B, a.lora_B)
-                ]
-                for a in self.adapters
-            ]
+            # Shapes from the modules: a sharded weight's own shape may be a shard's or empty (ZeRO-3).
+            self._fisher = []
+            for lora_a, lora_b in self._modules:
+                shape_a = (lora_a.out_features, lora_a.in_features)
+                shape_b = (lora_b.out_features, lora_b.in_features)
+                device = lora_a.weight.device
+                self._fisher.append(
+                    [
+                        torch.zeros(shape, dtype=torch.float32, device=device)
+                        for shape in (shape_a, shape_a, shape_b, shape_b)
+                    ]
+                )
         for i, (lora_a, lora_b) in enumerate(self._modules):
-            self._hooks.append(lora_a.register_forward_hook(lambda m, args, out, _i=i: self._on_a(_i, args, layout)))
             self._hooks.append(
-                lora_b.register_forward_hook(lambda m, args, out, _i=i: self._on_b(_i, args, out, layout))
+                lora_a.register_forward_hook(lambda m, args, out, _i=i: self._on_a(_i, args, out, layout))
             )
+            self._hooks.append(lora_b.register_forward_hook(lambda m, args, out, _i=i: self._on_b(_i, out)))
 
     def disarm(self) -> None:
         """Remove the hooks (call after the backward of the micro-batch)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._inputs.clear()
+        self._grad_z.clear()
 
     def fisher_sums(self) -> dict[str, tuple[torch.Tensor, ...]]:
         """The sums of the step being measured, per adapter: ``(F_text_A, F_non_text_A, F_text_B, F_non_text_B)``.
@@ -113,29 +120,32 @@ class DominanceTracker:
         """Whether Fisher sums of a step are being collected."""
         return self._fisher is not None
 
-    def _on_a(self, index: int, args: tuple, layout: TokenLayout) -> None:
+    def _on_a(self, index: int, args: tuple, output: Any, layout: TokenLayout) -> None:
         x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and layout.aligned(x):
-            self._inputs[index] = x.detach()
-
-    def _on_b(self, index: int, args: tuple, output: torch.Tensor, layout: TokenLayout) -> None:
-        x = self._inputs.pop(index, None)
-        if x is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not isinstance(x, torch.Tensor) or not layout.aligned(x):
             return
-        u = args[0].detach()
-        output.register_hook(lambda grad: self._accumulate(index, x, u, grad, layout))
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return  # no backward will come through this call (no_grad, or the first pass of reentrant checkpointing)
+        x, u = x.detach(), output.detach()
+        output.register_hook(lambda grad_u: self._accumulate(index, x, u, grad_u, layout))
+
+    def _on_b(self, index: int, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            # Runs before the hook on u of the same layer: ∂L/∂z is needed to compute ∂L/∂u.
+            output.register_hook(lambda grad_z: self._grad_z.__setitem__(index, grad_z.detach()))
 
     @torch.no_grad()
     def _accumulate(
-        self, index: int, x: torch.Tensor, u: torch.Tensor, grad_z: torch.Tensor, layout: TokenLayout
+        self, index: int, x: torch.Tensor, u: torch.Tensor, grad_u: torch.Tensor, layout: TokenLayout
     ) -> None:
-        if self._fisher is None:
+        grad_z = self._grad_z.pop(index, None)
+        if self._fisher is None or grad_z is None:
             return
         f_text_a, f_non_a, f_text_b, f_non_b = self._fisher[index]
         x = x.reshape(-1, x.shape[-1]).float()
         u = u.reshape(-1, u.shape[-1]).float()
+        grad_u = grad_u.reshape(-1, grad_u.shape[-1]).float()  # ∂L/∂u_i = Bᵀ ∂L/∂z_i, from autograd
         grad_z = grad_z.reshape(-1, grad_z.shape[-1]).float()
-        grad_u = grad_z @ self.adapters[index].lora_B.detach().float()  # ∂L/∂u_i = Bᵀ ∂L/∂z_i
         for text_pos, non_pos in layout.to(x.device).sequence_positions():
             for pos, f_a, f_b in ((text_pos, f_text_a, f_text_b), (non_pos, f_non_a, f_non_b)):
                 if pos.numel() == 0:

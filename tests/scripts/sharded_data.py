@@ -80,8 +80,7 @@ def run_case(out: Path, case: str, model: Any, steps: int, telemetry: bool = Tru
         processing_class=processing,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     )
-    # The engine as `prepare` will see it (accelerate may reset its state object after training).
-    info: dict[str, Any] = {"engine": engine_name(trainer.accelerator)}
+    info: dict[str, Any] = {}
     if case == "path-eval":
         rows = [text_dataset(2)[i] for i in range(2)]
         info["answers_before"] = generate_answers(trainer.model, processing, rows, max_new_tokens=3)
@@ -90,12 +89,15 @@ def run_case(out: Path, case: str, model: Any, steps: int, telemetry: bool = Tru
     trainer.train()
     if case == "path-eval":
         info["answers_after"] = generate_answers(trainer.model, processing, rows, max_new_tokens=3)
+    if telemetry:
+        trainer.save_model(str(out / case / "final"))  # adapter + audit (every rank; the audit gathers)
     trainer._sync_fired()
     state = full_lora_state(trainer)
     rank = trainer.args.process_index
     if rank == 0:
         save_file(state, str(out / case / "adapter.safetensors"))
     info.update(
+        engine=engine_name(trainer),
         wrapped=type(trainer.model_wrapped).__name__,
         world_size=trainer.args.world_size,
         steps=trainer.state.global_step,
@@ -107,6 +109,14 @@ def run_case(out: Path, case: str, model: Any, steps: int, telemetry: bool = Tru
         released=[r.path for r in trainer.released_towers],
         dummy=trainer.dummy_media.stats.to_dict() if trainer.dummy_media is not None else None,
     )
+    if telemetry and rank == 0:
+        audit = json.loads((out / case / "final" / "audit.json").read_text())
+        info["audit"] = {
+            "verdict": audit["verdict"],
+            "statuses": {m["name"]: m["status"] for m in audit["modules"]},
+            "nominal": audit["params"]["nominal_trainable"],
+            "effective": audit["params"]["effective_trainable"],
+        }
     (out / case / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 
 

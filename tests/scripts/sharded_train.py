@@ -9,7 +9,8 @@ Launched by ``tests/test_sharded.py`` (and ``tests/benchmarks/bench_sharded.py``
 DeepSpeed on CPU also needs ``DS_ACCELERATOR=cpu``; the script sets ``ddp_backend="gloo"`` itself under DeepSpeed.
 
 Cases: ``text`` (text-only rows), ``image`` (an image in every row), ``image-imod`` (``image`` with IMoD), each
-optionally suffixed ``-sft`` to run TRL's plain ``SFTTrainer`` on the same job instead (for the benchmark).
+optionally suffixed ``-sft`` to run TRL's plain ``SFTTrainer`` on the same job instead, or ``-notel`` to run
+MMSFTTrainer without tower telemetry and audit (both for the benchmark).
 Per case, every rank writes ``OUT/<case>/rank<r>.json``: the engine, losses, telemetry, dominance history and the
 train step times, so a test can check that the ranks agree; ``OUT/<case>/final`` holds the saved adapter and audit.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 from peft import LoraConfig
 from transformers import TrainerCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
 from tests.kit import image_text_dataset, make_processor, make_tokenizer, text_dataset, tiny_model, training_args
@@ -48,20 +50,21 @@ class StepTimes(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def engine_name(accelerator: Any) -> str:
+def engine_name(trainer: Any) -> str:
     """``ddp``, ``fsdp2`` (or ``fsdp1``), ``zero2``/``zero3``, or ``single``: what the run really used."""
-    state = accelerator.state
-    kind = str(state.distributed_type).split(".")[-1]
-    if kind == "FSDP":
-        return f"fsdp{state.fsdp_plugin.fsdp_version}"
-    if kind == "DEEPSPEED":
-        return f"zero{state.deepspeed_plugin.zero_stage}"
-    return "ddp" if accelerator.num_processes > 1 else "single"
+    if trainer.is_deepspeed_enabled:
+        return f"zero{trainer.model_wrapped.zero_optimization_stage()}"
+    if trainer.is_fsdp_enabled:
+        from torch.distributed.fsdp import FSDPModule
+
+        return "fsdp2" if isinstance(trainer.model, FSDPModule) else "fsdp1"
+    return "ddp" if trainer.accelerator.num_processes > 1 else "single"
 
 
-def run_case(out: Path, case: str, steps: int, extra: dict[str, Any]) -> None:
+def run_case(out: Path, case: str, steps: int) -> None:
     plain_sft = case.endswith("-sft")
-    base_case = case.removesuffix("-sft")
+    no_telemetry = case.endswith("-notel")
+    base_case = case.removesuffix("-sft").removesuffix("-notel")
     imod = base_case.endswith("-imod")
     data = base_case.removesuffix("-imod")
     if data == "text":
@@ -81,35 +84,52 @@ def run_case(out: Path, case: str, steps: int, extra: dict[str, Any]) -> None:
         # DeepSpeed on CPU: accelerate leaves the process group's backend unset and each rank thinks it is alone.
         **({"ddp_backend": "gloo"} if deepspeed else {}),
     }
+    # A previous case's ZeRO-3 config stays registered in transformers and would build this model under zero.Init
+    # (another init than DDP's): forget it first. The trainer registers its own again.
+    unset_hf_deepspeed_config()
     model = tiny_model(FAMILY)
     peft_config = LoraConfig(r=4, target_modules=LORA_TARGETS)
     times = StepTimes()
     if plain_sft:  # plain TRL, same job: the reference of the benchmark
         from trl import SFTConfig, SFTTrainer
 
-        args = training_args(out / case / "run", SFTConfig, **settings, **extra)
+        args = training_args(out / case / "run", SFTConfig, **settings)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=processing, peft_config=peft_config
         )
     else:
         # Releasing the unreached vision tower under FSDP is issue 11 item 2 (another branch): keep it here.
         settings.update(free_unreached_towers=False, dominance_steps=1, imod=imod)
-        args = training_args(out / case / "run", MMSFTConfig, **settings, **extra)
+        if no_telemetry:
+            settings.update(tower_telemetry=False, audit=False)
+        args = training_args(out / case / "run", MMSFTConfig, **settings)
         trainer = MMSFTTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=processing, peft_config=peft_config
         )
     trainer.add_callback(times)
+    collect_times: list[float] = []
+    telemetry = getattr(trainer, "telemetry", None)
+    if telemetry is not None:  # time the per-step collection (with its cross-rank reduction) for the benchmark
+        collect = telemetry.collect
+
+        def timed_collect() -> None:
+            start = time.perf_counter()
+            collect()
+            collect_times.append(time.perf_counter() - start)
+
+        telemetry.collect = timed_collect
     trainer.train()
-    trainer.save_model(str(out / case / "final"))
+    if not plain_sft:  # plain TRL's save fails under FSDP2 (PEFT gets sharded tensors); the benchmark needs none
+        trainer.save_model(str(out / case / "final"))
     rank = trainer.args.process_index
     info: dict[str, Any] = {
-        "engine": engine_name(trainer.accelerator),
+        "engine": engine_name(trainer),
         "world_size": trainer.args.world_size,
         "steps": trainer.state.global_step,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "step_times": times.times,
+        "collect_times": collect_times,
     }
-    telemetry = getattr(trainer, "telemetry", None)
     if telemetry is not None:
         info["telemetry"] = telemetry.state_dict()
     balance = getattr(trainer, "modality_balance", None)
@@ -123,11 +143,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("cases", nargs="+")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--tower-telemetry", choices=("on", "off"), default="on")
     ns = parser.parse_args()
-    extra = {} if ns.tower_telemetry == "on" else {"tower_telemetry": False, "audit": False}
     for case in ns.cases:
-        run_case(ns.out, case, ns.steps, extra if not case.endswith("-sft") else {})
+        run_case(ns.out, case, ns.steps)
 
 
 if __name__ == "__main__":

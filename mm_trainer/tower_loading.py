@@ -4,8 +4,9 @@ A text-only run releases a VLM's vision tower (:mod:`mm_trainer.release`), but w
 instance, or loads one in full, the peak memory still holds the tower. Given a path or Hub id instead, mm-trainer
 decides which towers it would release *before* loading (from the dataset's modality profile and the model's config,
 built on the meta device) and loads through ``from_pretrained`` with a ``device_map`` that places those towers on
-``"disk"``: transformers indexes their weights in the checkpoint files (nothing is copied) and leaves their tensors on
-the meta device, while the language model, the embeddings and everything else load as usual. The accelerate hooks
+``"disk"``: transformers indexes their weights where they lie in the checkpoint files (it reads each tensor once on
+the way and keeps none; nothing is written) and leaves their parameters on the meta device, while the language model,
+the embeddings and everything else load as usual. The accelerate hooks
 that the disk placement adds are removed right after the load, and
 :func:`~mm_trainer.release.release_unloaded_towers` then gives the towers the same state a release leaves.
 """

@@ -263,8 +263,10 @@ class MMSFTTrainer(SFTTrainer):
         """The towers a load of ``model_id`` can leave out: unreached by the data, not selected, under an engine the
         release goes with (``None`` when there are none, or the load cannot place them apart)."""
         engine = detect_engine(args)
-        if engine.fsdp_version == 1 or engine.zero_stage == 3:
-            return None  # FSDP1 refuses the release; ZeRO-3 may partition at load (both decided on the loaded model)
+        if engine.fsdp_version is not None or engine.zero_stage == 3:
+            # FSDP1 refuses the release, FSDP's cpu_ram_efficient_loading and ZeRO-3's zero.Init place weights at load
+            # themselves: under sharded engines the towers are loaded, then released as decided on the loaded model.
+            return None
         reached = set(self.modality_profile.reached_towers())
         selected = set(args.target_towers) if isinstance(args.target_towers, (list, tuple)) else set()
         trust = bool(kwargs.get("trust_remote_code"))

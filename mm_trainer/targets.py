@@ -393,6 +393,17 @@ def resolve_targets(
     decisions: list[TargetDecision] = []
     dead_candidates: list[TargetDecision] = []
     modality_words = "text-only" if profile.text_only else "+".join(sorted(profile.modalities))
+
+    def _unselected(name: str, tower: str, cost: int) -> TargetDecision:
+        """The decision on a target outside the selected towers: dropped when `target_towers` excludes its tower,
+        else a dead candidate (its tower is not reached by the data)."""
+        if forced:
+            reason = f"tower not in target_towers={list(towers_setting)}"
+            return TargetDecision(name, tower, False, reason, cost, dead=tower not in reached)
+        return TargetDecision(
+            name, tower, True, f"{tower} tower not reached by the data ({modality_words})", cost, dead=True
+        )
+
     for name in matched:
         tower = tower_map.tower_of(name)
         cost = _lora_params(modules, tower_map, name, rank)
@@ -400,14 +411,10 @@ def resolve_targets(
             decisions.append(TargetDecision(name, tower, False, "output head: adapted only when named", cost))
             continue
         if tower not in selected:
-            if forced:
-                reason = f"tower not in target_towers={list(towers_setting)}"
-                decisions.append(TargetDecision(name, tower, False, reason, cost, dead=tower not in reached))
-            else:
-                reason = f"{tower} tower not reached by the data ({modality_words})"
-                decision = TargetDecision(name, tower, True, reason, cost, dead=True)
+            decision = _unselected(name, tower, cost)
+            decisions.append(decision)
+            if decision.kept:  # a dead candidate: dropped, kept or refused below by `dead_targets`
                 dead_candidates.append(decision)
-                decisions.append(decision)
             continue
         if name in groups and groups[name] in reached_blocks and tower in selected and probe.status(name) != "reached":
             why = f"expert of the MoE block {groups[name]}, which the probe reached (experts are judged as a group)"
@@ -434,14 +441,10 @@ def resolve_targets(
         tower = tower_map.tower_of(key)
         cost = _parameter_lora_params(model, key, rank)
         if tower not in selected:
-            if forced:
-                reason = f"tower not in target_towers={list(towers_setting)}"
-                decisions.append(TargetDecision(key, tower, False, reason, cost, dead=tower not in reached))
-            else:
-                reason = f"{tower} tower not reached by the data ({modality_words})"
-                decision = TargetDecision(key, tower, True, reason, cost, dead=True)
+            decision = _unselected(key, tower, cost)
+            decisions.append(decision)
+            if decision.kept:  # a dead candidate: dropped, kept or refused below by `dead_targets`
                 dead_candidates.append(decision)
-                decisions.append(decision)
             continue
         block = param_blocks[key]
         watched = probe is not None and any(c.startswith(block + ".") for c in probe.candidates)

@@ -169,7 +169,7 @@ def _status(field: str) -> int:
     return 0
 
 
-def arm(name: str, vlm: Path, lm: Path, steps: int) -> dict:
+def arm(name: str, vlm: Path, lm: Path, steps: int, probe: bool = True) -> dict:
     """Run one arm in this process: build the trainer from the path, train ``steps`` steps, report memory."""
     import tempfile
 
@@ -184,7 +184,7 @@ def arm(name: str, vlm: Path, lm: Path, steps: int) -> dict:
         "b": (MMSFTTrainer, MMSFTConfig, vlm),
         "c": (SFTTrainer, SFTConfig, lm),
     }[name]
-    extra = {"audit": False} if config_cls is MMSFTConfig else {}
+    extra = {"audit": False, "target_probe": probe} if config_cls is MMSFTConfig else {}
     with tempfile.TemporaryDirectory() as tmp:
         args = config_cls(
             output_dir=tmp,
@@ -249,12 +249,18 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="Where the checkpoints are cached.")
     parser.add_argument("--steps", type=int, default=1, help="Training steps per arm (0: build the trainer only).")
     parser.add_argument("--arm", choices=["a", "b", "c"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="Arm (b) without the reachability probe: on CPU its bf16 forward+backward of a 3B model takes minutes "
+        "(torch's reference bf16 gemm), which is not part of the load.",
+    )
     parser.add_argument("--build-only", action="store_true", help="Write the checkpoints and exit.")
     parser.add_argument("--arms", default="b,c,a", help="Comma-separated arms to run, in order (default: b,c,a).")
     opts = parser.parse_args()
     vlm, lm = build(opts.dir)
     if opts.arm:
-        print(json.dumps(arm(opts.arm, vlm, lm, opts.steps)))
+        print(json.dumps(arm(opts.arm, vlm, lm, opts.steps, probe=not opts.no_probe)))
         return
     if opts.build_only:
         return
@@ -264,6 +270,7 @@ def main() -> None:
         _warm_page_cache(vlm)
         print(f"arm {name}: MemAvailable {_free_gib():.1f} GiB", flush=True)
         cmd = [sys.executable, __file__, "--arm", name, "--dir", str(opts.dir), "--steps", str(opts.steps)]
+        cmd += ["--no-probe"] if opts.no_probe else []
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)

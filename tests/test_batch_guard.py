@@ -85,9 +85,9 @@ def test_text_batches_pass_the_guard(tmp_path):
 
 @pytest.mark.slow
 def test_every_rank_raises_when_one_rank_sees_the_modality(tmp_path):
-    from tests.test_ddp import ROOT, launch_two_processes
+    from tests.kit.launch import ROOT, accelerate_launch
 
-    launch_two_processes(ROOT / "tests" / "scripts" / "ddp_batch_guard.py", str(tmp_path), timeout=300)
+    accelerate_launch(ROOT / "tests" / "scripts" / "ddp_batch_guard.py", str(tmp_path), timeout=300)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["raised"].startswith("Step 2: the batch holds image (batch row(s) [1])")
     assert results[1]["raised"].startswith("Step 2: the batch holds image (in another process's batch)")

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.kit.launch import accelerate_launch, child_environment, run_bounded
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_processes_end_with_identical_adapters_equal_to_one_process(tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(ROOT / "tests" / "scripts" / "imod_ddp.py"), str(tmp_path / "ddp"),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    accelerate_launch(ROOT / "tests" / "scripts" / "imod_ddp.py", str(tmp_path / "ddp"))
 
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
     records = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -46,21 +33,9 @@ def test_two_processes_end_with_identical_adapters_equal_to_one_process(tmp_path
 
     # One process with the global batch (2 rows per step, the same rows in the same order): the same first-step
     # gradient (task + injected), so the injected part is averaged over ranks exactly like the task gradient.
-    single = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "scripts" / "imod_ddp.py"),
-            str(tmp_path / "single"),
-            "--batch-size",
-            "2",
-        ],
-        env={**env, "ACCELERATE_USE_CPU": "true"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
+    script = ROOT / "tests" / "scripts" / "imod_ddp.py"
+    single = [sys.executable, str(script), str(tmp_path / "single"), "--batch-size", "2"]
+    run_bounded(single, child_environment({"ACCELERATE_USE_CPU": "true"}))
     one = torch.load(tmp_path / "single" / "rank0.pt")["grads"]
     ddp = ranks[0]["grads"]
     assert ddp.keys() == one.keys()

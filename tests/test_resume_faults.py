@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from mm_trainer.checkpoints import COMPLETE_MARKER, checkpoint_problem
+from tests.kit.launch import child_environment, run_bounded
 
 DRIVER = Path(__file__).parent / "scripts" / "fault_train.py"
 POINTS = ("before_state", "mid_state", "mid_audit", "before_optimizer", "mid_optimizer", "before_marker")
@@ -32,11 +32,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
     work = tmp_path_factory.mktemp("faults")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(DRIVER.parents[2])}
-    proc = subprocess.run(
-        [sys.executable, str(DRIVER), str(work), *POINTS], env=env, capture_output=True, text=True, timeout=1500
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_bounded([sys.executable, str(DRIVER), str(work), *POINTS], child_environment(), timeout=1200)
     results = json.loads((work / "results.json").read_text())
     assert results["baseline"]["run"]["exit_code"] == 0
     return work, results

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.kit.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "scripts" / "sharded_train.py"
@@ -38,7 +36,7 @@ LOGIT_ATOL = 1e-4
 ENGINE_CONFIGS = {
     "ddp": ("ddp_cpu.yaml", {"ACCELERATE_USE_CPU": "true"}),
     # accelerate 1.15 drops FSDP on CPU: the test-only shim (tests/shims/cpu_fsdp) switches it back.
-    "fsdp2": ("fsdp_cpu.yaml", {"ACCELERATE_USE_CPU": "true", "SHIM": str(ROOT / "tests" / "shims" / "cpu_fsdp")}),
+    "fsdp2": ("fsdp_cpu.yaml", {"ACCELERATE_USE_CPU": "true"}),
     "zero2": ("deepspeed_zero2_cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
     "zero3": ("deepspeed_zero3_cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
 }
@@ -47,35 +45,12 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_engine(engine: str, out: Path, *cases: str, steps: int = STEPS, extra: tuple[str, ...] = ()) -> str:
     """Run ``tests/scripts/sharded_train.py`` on two CPU processes under ``engine``; returns the combined output."""
-    config, env_extra = ENGINE_CONFIGS[engine]
-    env_extra = dict(env_extra)
-    paths = [str(ROOT)]
-    shim = env_extra.pop("SHIM", None)
-    if shim:
-        paths.insert(0, shim)
-    env = {
-        **os.environ,
-        **env_extra,
-        "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes" / "accelerate" / config),
-        "--main_process_port", str(_free_port()),
-        str(DRIVER), str(out), *cases, "--steps", str(steps), *extra,
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    config, env = ENGINE_CONFIGS[engine]
+    result = accelerate_launch(
+        DRIVER, str(out), *cases, "--steps", str(steps), *extra, config=config, env=env, fsdp_shim=engine == "fsdp2"
+    )
     return result.stdout + result.stderr
 
 

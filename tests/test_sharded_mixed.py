@@ -10,15 +10,13 @@ dummy's forwards do not count as fired; ``tests/test_dummy_media.py`` checks tha
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.kit.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "sharded_data.py"
@@ -26,12 +24,6 @@ STEPS = 4
 LR = 1e-2  # tests.kit.FAST_CPU_TRAINING's learning rate
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(
@@ -42,21 +34,17 @@ def _launch(
     shim: bool = False,
     launch_args: tuple[str, ...] = (),
 ) -> Path:
-    paths = [str(ROOT / "tests" / "shims" / "cpu_fsdp")] if shim else []
-    environment = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([*paths, str(ROOT)]),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        **env,
-    }
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / config),
-        "--main_process_port", str(_free_port()), *launch_args, str(SCRIPT), str(out), *cases,
-        "--steps", str(STEPS),
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    accelerate_launch(
+        SCRIPT,
+        str(out),
+        *cases,
+        "--steps",
+        str(STEPS),
+        config=config,
+        launch_args=launch_args,
+        env=env,
+        fsdp_shim=shim,
+    )
     return out
 
 

@@ -450,7 +450,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             setattr(training_args, key, value)
     if training_args.dominance_steps <= 0:
         raise ValueError("The study measures the dominance rate: set `dominance_steps` > 0.")
+    threads = torch.get_num_threads()
     torch.set_num_threads(study.threads)
+    try:
+        return _run(study, training_args, model_args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(study: StudyArguments, training_args: MMSFTConfig, model_args: Any) -> dict[str, Any]:
+    """The study proper (see the module docstring)."""
     out = Path(training_args.output_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -476,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del base_model
     settings = _settings(study, training_args, peft_config)
     runs: dict[str, list[dict]] = {arm: [] for arm in study.arms}
+    trained = 0
     for seed in study.seeds:
         for arm in study.arms:
             path = out / "runs" / f"{arm}-seed{seed}.json"
@@ -484,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["rates"] = {int(k): v for k, v in result["rates"].items()}
             else:
                 result = run_arm(arm, seed, training_args, peft_config, base, processor, data)
+                trained += 1
                 path.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
             runs[arm].append(result)
             logger.warning(
@@ -491,7 +502,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["rates"][min(result["rates"])], result["rates"][max(result["rates"])],
                 result["acc_decorrelated"], result["acc_holds"], result["seconds"],
             )  # fmt: skip
-    return write_report(out, study, training_args, reference, runs, time.time() - start)
+    return write_report(out, study, training_args, reference, runs, time.time() - start, trained)
+
+
+def _median_seconds(runs: dict[str, list[dict]]) -> float:
+    """Median wall time of one run (training and both evaluations)."""
+    return float(np.median([r["seconds"] for rs in runs.values() for r in rs]))
 
 
 LABELS = {
@@ -504,7 +520,7 @@ LABELS = {
 
 
 def write_report(
-    out: Path, study: StudyArguments, args: MMSFTConfig, reference: dict, runs: dict, seconds: float
+    out: Path, study: StudyArguments, args: MMSFTConfig, reference: dict, runs: dict, seconds: float, trained: int
 ) -> dict[str, Any]:
     """``results.json``, ``results.md`` and ``imod_study.png`` in ``out``; returns what results.json holds."""
     labels = {**LABELS, "imod": f"IMoD λ1={args.imod_lambda_msd:g}, λ2={args.imod_lambda_ma:g}"}
@@ -531,7 +547,9 @@ def write_report(
         f"- Base before fine-tuning: decorrelated {zero['acc_decorrelated']:.1%}, holds {zero['acc_holds']:.1%}; "
         f"chance {chance:.0%}\n"
         f"- Base: {study.pretrain_steps} full fine-tuning steps, loss {reference['base']['loss_first']:.3f} -> "
-        f"{reference['base']['loss_last']:.3f}\n- Runtime: {seconds / 60:.1f} min\n"
+        f"{reference['base']['loss_last']:.3f} ({reference['base']['seconds'] / 60:.1f} min when built)\n"
+        f"- Runtime: {seconds / 60:.1f} min ({trained} of {sum(map(len, runs.values()))} runs trained in this call, "
+        f"{study.threads} thread(s); one run: {_median_seconds(runs):.0f} s median)\n"
     )
     (out / "results.md").write_text(text)
     result = {

@@ -12,7 +12,8 @@ Offline on the embedded small Qwen2.5-VL-architecture model (language model narr
    has its own question wording; on ``--shortcut_rate`` (85%) of the training rows the wording matches the colour,
    on the rest it is another colour's wording. Only the image decides the answer. Two held-out sets: *decorrelated*
    (wording drawn independently of the colour: following the wording scores chance, 25%) and *holds* (wording always
-   matches). A vision-only linear probe on the base's image features shows the image signal is learnable.
+   matches). Rows are prompt-completion, so the loss is on the answer only, as in the paper's instruction tuning
+   (``--completion_only_loss false`` puts it on every token). A vision-only linear probe on the base's image features shows the image signal is learnable.
 3. **Arms** (same LoRA config, steps, data and seeds): plain LoRA with gradient clipping (``max_grad_norm``) on and
    off, IMoD at the paper's λ1=1, λ2=1e-4, and at both λ ×10 and ÷10 (clipping on, as plain LoRA's default).
 4. **Measured** per run: the Non-Text Dominance Rate at step 1 and every ``dominance_steps``, accuracy of the first
@@ -169,10 +170,8 @@ def vqa_rows(n: int, seed: int, shortcut_rate: float | None, side: int, noise: f
         rows.append(
             {
                 "images": [noisy_square(color, rng, side, noise)],
-                "messages": [
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": WORDINGS[cue]}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": f"{color}."}]},
-                ],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": WORDINGS[cue]}]}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": f"{color}."}]}],
                 "answer": color,
                 "cue": cue,
             }
@@ -323,8 +322,7 @@ def predict(model: Any, processor: Any, rows: Dataset, batch_size: int = 32) -> 
         for start in range(0, len(rows), batch_size):
             chunk = rows.select(range(start, min(start + batch_size, len(rows))))
             prompts = [
-                processor.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)
-                for r in chunk
+                processor.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in chunk
             ]
             images = [r["images"][0] for r in chunk]
             inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")

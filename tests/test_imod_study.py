@@ -61,8 +61,8 @@ def test_shortcut_data(study):
     agree = sum(a == c for a, c in zip(decorrelated["answer"], decorrelated["cue"])) / n
     assert abs(agree - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
     for row in train.select(range(8)):
-        assert row["messages"][0]["content"][1]["text"] == study.WORDINGS[row["cue"]]
-        assert row["messages"][1]["content"][0]["text"] == f"{row['answer']}."
+        assert row["prompt"][0]["content"][1]["text"] == study.WORDINGS[row["cue"]]
+        assert row["completion"][0]["content"][0]["text"] == f"{row['answer']}."
 
 
 def test_mean_ci_against_t_formula(study):

@@ -256,7 +256,6 @@ def pretrained_base(study: StudyArguments, processor: Any) -> Path:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * s / study.pretrain_steps))
     )
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "right"
     image_ids = {model.config.image_token_id, model.config.vision_start_token_id, model.config.vision_end_token_id}
     rng = random.Random(0)
     losses = []
@@ -525,6 +524,7 @@ def write_report(
     zero = reference["base_zero_shot"]
     chance = 1 / len(STUDY_COLORS)
     title = (
+        f"loss on {'every token' if args.completion_only_loss is False else 'the answer'}, "
         f"{args.max_steps} steps, batch {args.per_device_train_batch_size}, lr {args.learning_rate:g}, "
         f"{study.train_samples} rows ({reference['shortcut_rate_measured']:.0%} follow the wording), "
         f"seeds {study.seeds}"

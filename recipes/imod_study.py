@@ -537,10 +537,16 @@ def write_report(
         references={"vision probe": reference["vision_probe_decorrelated"], "chance": chance},
     )
     table = study_report.markdown_table(runs, labels)
+    paired = study_report.paired_table(runs, labels, reference="lora-clip")
     text = (
         f"# IMoD study\n\n{title}; dominance rate every {args.dominance_steps} steps; mean ± 95% interval "
         f"(Student t over seeds).\n\n{table}\n"
-        f"- Vision-only linear probe on the base's image features, decorrelated set: "
+        + (
+            f"Paired by seed, difference to plain LoRA with clipping (percentage points):\n\n{paired}\n"
+            if paired
+            else ""
+        )
+        + f"- Vision-only linear probe on the base's image features, decorrelated set: "
         f"{reference['vision_probe_decorrelated']:.1%}\n"
         f"- Base before fine-tuning: decorrelated {zero['acc_decorrelated']:.1%}, holds {zero['acc_holds']:.1%}; "
         f"chance {chance:.0%}\n"
@@ -555,6 +561,7 @@ def write_report(
         "reference": reference,
         "runs": {arm: rs for arm, rs in runs.items()},
         "table": table,
+        "paired": paired,
         "picture": str(picture),
         "seconds": seconds,
     }

@@ -76,6 +76,28 @@ def markdown_table(arms: Mapping[str, Sequence[Mapping[str, Any]]], labels: Mapp
     return "\n".join(lines) + "\n"
 
 
+def paired_table(arms: Mapping[str, Sequence[Mapping[str, Any]]], labels: Mapping[str, str], reference: str) -> str:
+    """Per arm, its difference to ``reference`` paired by seed (same seed: same data order, init, masks' seed).
+
+    Seeds differ far more from each other than arms do, so the paired difference is the sharper comparison.
+    """
+    if reference not in arms:
+        return ""
+    by_seed = {r["seed"]: r for r in arms[reference]}
+    head = ["arm − " + labels.get(reference, reference), "seeds", "rate, 2nd half", "rate, last step"]
+    head += [c[1] for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, runs in arms.items():
+        pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+        if arm == reference or not pairs:
+            continue
+        cells = [labels.get(arm, arm), str(len(pairs)), fmt([late_rate(a) - late_rate(b) for a, b in pairs])]
+        cells.append(fmt([a["rates"][max(a["rates"])] - b["rates"][max(b["rates"])] for a, b in pairs]))
+        cells += [fmt([a[key] - b[key] for a, b in pairs]) for key, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def draw(
     arms: Mapping[str, Sequence[Mapping[str, Any]]],
     labels: Mapping[str, str],

@@ -22,11 +22,14 @@ def test_quick_study_end_to_end(tmp_path, study):
     table = (out / "results.md").read_text()
     picture = out / "imod_study.png"
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
+    main_table = table.split("Paired by seed")[0]
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
     assert len(rows) == len(study.ARMS)
     for arm in study.ARMS:
         label = study.LABELS[arm] if arm != "imod" else "IMoD λ1=1, λ2=0.0001"
         assert any(row.startswith(f"| {label} | 1 |") for row in rows), (label, table)
+    paired = table.split("Paired by seed")[1]  # every other arm against plain LoRA with clipping, seed by seed
+    assert sum(line.startswith("| IMoD") or line.startswith("| LoRA, clip off") for line in paired.splitlines()) == 4
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["runs"]) == set(study.ARMS)
     eval_rows = study.QUICK["eval_samples"]

@@ -2,7 +2,7 @@
 
 Offline on the embedded small Qwen2.5-VL-architecture model (language model narrowed to 128 wide), 2 CPU cores:
 
-    python recipes/imod_study.py             # 5 arms x 5 seeds, writes outputs/imod_study/ (~25 min, 1 thread)
+    python recipes/imod_study.py             # 5 arms x 5 seeds, writes outputs/imod_study/ (~30 min, 1 thread)
     python recipes/imod_study.py --quick     # one seed, a few steps (what tests/test_imod_study.py runs)
 
 1. **Base with a language prior.** The embedded model is fully fine-tuned on captions of coloured squares
@@ -13,7 +13,8 @@ Offline on the embedded small Qwen2.5-VL-architecture model (language model narr
    on the rest it is another colour's wording. Only the image decides the answer. Two held-out sets: *decorrelated*
    (wording drawn independently of the colour: following the wording scores chance, 25%) and *holds* (wording always
    matches). Rows are prompt-completion, so the loss is on the answer only, as in the paper's instruction tuning
-   (``--completion_only_loss false`` puts it on every token). A vision-only linear probe on the base's image features shows the image signal is learnable.
+   (``--completion_only_loss false`` puts it on every token). A vision-only linear probe on the base's image
+   features shows the image signal is learnable.
 3. **Arms** (same LoRA config, steps, data and seeds): plain LoRA with gradient clipping (``max_grad_norm``) on and
    off, IMoD at the paper's λ1=1, λ2=1e-4, and at both λ ×10 and ÷10 (clipping on, as plain LoRA's default).
 4. **Measured** per run: the Non-Text Dominance Rate at step 1 and every ``dominance_steps``, accuracy of the first
@@ -427,6 +428,7 @@ def _settings(study: StudyArguments, args: MMSFTConfig, peft_config: Any) -> dic
     """What a finished run depends on besides its arm and seed (reused only when equal)."""
     keep = ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "lr_scheduler_type")
     keep += ("dominance_steps", "max_grad_norm", "imod_lambda_msd", "imod_lambda_ma", "imod_shared_ratio")
+    keep += ("completion_only_loss",)
     study_keys = ("shortcut_rate", "train_samples", "eval_samples", "image_side", "noise")
     return {
         "base": base_settings(study),

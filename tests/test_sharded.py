@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.kit.launch import accelerate_launch
+from tests.kit.launch import LAUNCH_TIMEOUT, accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "scripts" / "sharded_train.py"
@@ -45,12 +45,20 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
-def launch_engine(engine: str, out: Path, *cases: str, steps: int = STEPS, extra: tuple[str, ...] = ()) -> str:
+def launch_engine(
+    engine: str,
+    out: Path,
+    *cases: str,
+    steps: int = STEPS,
+    extra: tuple[str, ...] = (),
+    timeout: float = LAUNCH_TIMEOUT,
+) -> str:
     """Run ``tests/scripts/sharded_train.py`` on two CPU processes under ``engine``; returns the combined output."""
     config, env = ENGINE_CONFIGS[engine]
     result = accelerate_launch(
-        DRIVER, str(out), *cases, "--steps", str(steps), *extra, config=config, env=env, fsdp_shim=engine == "fsdp2"
-    )
+        DRIVER, str(out), *cases, "--steps", str(steps), *extra,
+        config=config, env=env, fsdp_shim=engine == "fsdp2", timeout=timeout,
+    )  # fmt: skip
     return result.stdout + result.stderr
 
 

@@ -48,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ns.engines:
             out = Path(tmp) / engine
-            launch_engine(engine, out, *CASES, steps=ns.steps)
+            launch_engine(engine, out, *CASES, steps=ns.steps, timeout=3600)  # 3 jobs x --steps per launch
             collect = json.loads((out / "text" / "rank0.json").read_text())["collect_times"]
             rows[engine] = {case: median_step(out, case) for case in CASES} | {
                 "collect": statistics.median(collect[3:])

@@ -428,12 +428,12 @@ def _settings(study: StudyArguments, args: MMSFTConfig, peft_config: Any) -> dic
     """What a finished run depends on besides its arm and seed (reused only when equal)."""
     keep = ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "lr_scheduler_type")
     keep += ("dominance_steps", "max_grad_norm", "imod_lambda_msd", "imod_lambda_ma", "imod_shared_ratio")
-    keep += ("completion_only_loss",)
+    keep += ("completion_only_loss", "imod_alpha")
     study_keys = ("shortcut_rate", "train_samples", "eval_samples", "image_side", "noise")
     return {
         "base": base_settings(study),
         **{k: getattr(study, k) for k in study_keys},
-        **{k: str(getattr(args, k)) for k in keep + ("imod_alpha",)},
+        **{k: str(getattr(args, k)) for k in keep},
         "lora": {"r": peft_config.r, "alpha": peft_config.lora_alpha, "targets": str(peft_config.target_modules)},
     }
 
@@ -488,8 +488,9 @@ def _run(study: StudyArguments, training_args: MMSFTConfig, model_args: Any) -> 
     for seed in study.seeds:
         for arm in study.arms:
             path = out / "runs" / f"{arm}-seed{seed}.json"
-            if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
-                result = json.loads(path.read_text())["result"]
+            saved = json.loads(path.read_text()) if path.is_file() else {}
+            if saved.get("settings") == settings:
+                result = saved["result"]
                 result["rates"] = {int(k): v for k, v in result["rates"].items()}
             else:
                 result = run_arm(arm, seed, training_args, peft_config, base, processor, data)
@@ -561,7 +562,7 @@ def write_report(
     result = {
         "study": asdict(study),
         "reference": reference,
-        "runs": {arm: rs for arm, rs in runs.items()},
+        "runs": runs,
         "table": table,
         "paired": paired,
         "picture": str(picture),

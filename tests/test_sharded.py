@@ -33,12 +33,12 @@ LR = 1e-2  # tests.kit.FAST_CPU_TRAINING
 WEIGHT_ATOL = STEPS * LR * 1e-3
 LOGIT_ATOL = 1e-4
 
-ENGINE_CONFIGS = {
-    "ddp": ("ddp_cpu.yaml", {"ACCELERATE_USE_CPU": "true"}),
+ENGINE_CONFIGS = {  # engine -> (accelerate config, environment, whether the CPU FSDP shim goes on the path)
+    "ddp": ("ddp_cpu.yaml", {"ACCELERATE_USE_CPU": "true"}, False),
     # accelerate 1.15 drops FSDP on CPU: the test-only shim (tests/shims/cpu_fsdp) switches it back.
-    "fsdp2": ("fsdp_cpu.yaml", {"ACCELERATE_USE_CPU": "true"}),
-    "zero2": ("deepspeed_zero2_cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
-    "zero3": ("deepspeed_zero3_cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
+    "fsdp2": ("fsdp_cpu.yaml", {"ACCELERATE_USE_CPU": "true"}, True),
+    "zero2": ("deepspeed_zero2_cpu.yaml", {"DS_ACCELERATOR": "cpu"}, False),
+    "zero3": ("deepspeed_zero3_cpu.yaml", {"DS_ACCELERATOR": "cpu"}, False),
 }
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install -e '.[dev]')"
@@ -54,10 +54,10 @@ def launch_engine(
     timeout: float = LAUNCH_TIMEOUT,
 ) -> str:
     """Run ``tests/scripts/sharded_train.py`` on two CPU processes under ``engine``; returns the combined output."""
-    config, env = ENGINE_CONFIGS[engine]
+    config, env, fsdp_shim = ENGINE_CONFIGS[engine]
     result = accelerate_launch(
         DRIVER, str(out), *cases, "--steps", str(steps), *extra,
-        config=config, env=env, fsdp_shim=engine == "fsdp2", timeout=timeout,
+        config=config, env=env, fsdp_shim=fsdp_shim, timeout=timeout,
     )  # fmt: skip
     return result.stdout + result.stderr
 

@@ -22,8 +22,10 @@ class TowerTelemetry:
     :attr:`history`.
 
     The cost is one norm per adapter weight and one device-to-host copy per step; with sharded gradients (FSDP2) one
-    all-reduce of one number per adapter, with captured ones (DeepSpeed, see :meth:`bind`) one all-reduce of the
-    adapters' gradients. Every rank ends with the same numbers.
+    all-reduce of one number per adapter per step; with captured ones (DeepSpeed, see :meth:`bind`) no collective per
+    step, and one all-reduce per log of the last step's adapter gradients with the window's non-zero flags. On
+    several ranks :meth:`synchronize` (every log and save) makes every rank agree on what fired and what was
+    non-zero.
 
     Args:
         adapters: The adapters to watch.
@@ -43,6 +45,13 @@ class TowerTelemetry:
         self._captured: list[torch.Tensor] | None = None
         self._captured_flat = torch.zeros(0)
         self._sizes: list[int] = []
+        # Capture mode: the step (generation) each view last received a gradient in, -1 when it holds zeros; the
+        # buffer holds exactly the last collected step's local gradient while `_last_step_kept` is True. The local
+        # non-zero flags of the steps collected since the last synchronisation wait in `_unsynced_flags`.
+        self._view_step: list[int] = []
+        self._generation = 0
+        self._last_step_kept = False
+        self._unsynced_flags: list[torch.Tensor] = []
         self._reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._world_size = 1
         self.steps_collected = 0
@@ -62,10 +71,13 @@ class TowerTelemetry:
             reduce_sum: Sums a tensor over the ranks (every rank calls it at the same steps). Needed when gradients
                 are sharded (FSDP2: each rank sums the squares of its shards, one all-reduce of one number per
                 adapter per step) or captured (``capture_gradients``).
-            capture_gradients: Read each micro-batch's gradient with a hook on A and B as autograd delivers it, and
-                average the step's sum over the ranks at :meth:`collect` (one all-reduce of the adapters' gradients
-                per step). For engines whose optimizer step runs inside ``accelerator.backward`` and that keep the
-                reduced gradients in their own buffers (DeepSpeed): ``p.grad`` is gone when :meth:`collect` runs.
+            capture_gradients: Read each micro-batch's gradient with a hook on A and B as autograd delivers it and
+                sum it over the step's micro-batches. :meth:`collect` keeps each step's local non-zero flags (an
+                adapter is active when its gradient is non-zero on any rank) and the last step's gradient; the
+                flags are reduced at :meth:`synchronize` and the gradient, averaged over the ranks, at :meth:`flush`
+                (one all-reduce per log). For engines whose optimizer step runs inside ``accelerator.backward`` and
+                that keep the reduced gradients in their own buffers (DeepSpeed): ``p.grad`` is gone when
+                :meth:`collect` runs.
             world_size: Number of ranks the captured gradients are averaged over (as DDP and DeepSpeed average).
 
         Raises:
@@ -86,13 +98,18 @@ class TowerTelemetry:
         if capture_gradients:
             params = [p for a in self.adapters for p in (a.lora_A, a.lora_B)]
             # One flat fp32 buffer of the whole weights (a ZeRO-3 partition's own shape is empty), the same on
-            # every rank, with one view per weight: a micro-batch's gradient is added to its view by the hook.
+            # every rank, with one view per weight: a micro-batch's gradient is added to its view by the hook. Its
+            # last element tells at flush whether every rank still held the collected step.
             self._sizes = [full_numel(p) for p in params]
-            self._captured_flat = torch.zeros(sum(self._sizes), dtype=torch.float32, device=params[0].device)
-            views = torch.split(self._captured_flat, self._sizes)
+            self._captured_flat = torch.zeros(sum(self._sizes) + 1, dtype=torch.float32, device=params[0].device)
+            views = torch.split(self._captured_flat[:-1], self._sizes)
             self._captured = [v.view(full_shape(p)) for v, p in zip(views, params)]
-            for view, p in zip(self._captured, params):
-                self._grad_hooks.append(p.register_hook(_adder(view)))
+            self._view_step = [-1] * len(params)
+            self._generation = 0
+            self._last_step_kept = False
+            self._unsynced_flags = []
+            for index, p in enumerate(params):
+                self._grad_hooks.append(p.register_hook(self._capture_hook(index)))
 
     # ---------------------------------------------------------------------------------------------------------------
     def watch_forward(self) -> None:
@@ -127,24 +144,34 @@ class TowerTelemetry:
         step's last micro-batch)."""
         if not self.adapters:
             return
+        self.steps_collected += 1
+        if self._captured is not None:
+            # Local flags only; they are reduced with the rest at the next log or save (synchronize / flush).
+            self._unsynced_flags.append(self._captured_local_flags())
+            return
         sq = self._squared_norms()
-        nonzero = sq > 0
-        tower_sq = torch.zeros(len(self.towers), dtype=torch.float64).index_add_(0, self._tower_index, sq)
+        for t, norm in enumerate(self._tower_norms(sq)):
+            self._pending[f"grad_norm/{self.towers[t]}"].append(norm)
+        self._count_active(sq > 0)
+
+    def _count_active(self, nonzero: torch.Tensor) -> None:
+        """Count one optimizer step's non-zero adapters (``nonzero``: bool per adapter, the same on every rank)."""
         tower_active = torch.zeros(len(self.towers), dtype=torch.float64).index_add_(
             0, self._tower_index, nonzero.double()
         )
         for i in nonzero.nonzero().flatten().tolist():
             self.nonzero_steps[self.adapters[i].name] += 1
         for t, tower in enumerate(self.towers):
-            self._pending[f"grad_norm/{tower}"].append(math.sqrt(float(tower_sq[t])))
             self._pending[f"active_adapters/{tower}"].append(float(tower_active[t] / self._counts[t]))
-        self.steps_collected += 1
+
+    def _tower_norms(self, sq: torch.Tensor) -> list[float]:
+        """Gradient norm per tower from the adapters' squared norms."""
+        tower_sq = torch.zeros(len(self.towers), dtype=torch.float64).index_add_(0, self._tower_index, sq)
+        return [math.sqrt(float(v)) for v in tower_sq]
 
     def _squared_norms(self) -> torch.Tensor:
         """Squared norm of each adapter's step gradient (A and B together), float64 on the host, equal on all ranks."""
         n = len(self.adapters)
-        if self._captured is not None:
-            return self._captured_squared_norms()
         # FSDP2: each rank holds a shard of every gradient and the squares add up over the ranks. Decided from the
         # parameters, the same on every rank, so that every rank joins the all-reduce.
         summed = self._reduce_sum is not None and any(
@@ -169,16 +196,85 @@ class TowerTelemetry:
             sq = self._reduce_sum(sq).cpu()
         return sq
 
-    def _captured_squared_norms(self) -> torch.Tensor:
-        """The captured step gradients summed over the ranks and averaged, as DDP's ``p.grad``; then zeroed."""
-        flat = self._captured_flat
+    def _capture_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        """A tensor hook adding each micro-batch's gradient of weight ``index`` to its view, leaving the gradient as is.
+
+        The first gradient of a step overwrites what the view held (an earlier step's, kept for :meth:`flush`).
+        """
+        view = self._captured[index]
+
+        def hook(grad: torch.Tensor) -> None:
+            self._last_step_kept = False
+            if self._view_step[index] == self._generation:
+                view.add_(grad.detach())
+            else:
+                view.copy_(grad.detach())
+                self._view_step[index] = self._generation
+
+        return hook
+
+    def _captured_local_flags(self) -> torch.Tensor:
+        """Per adapter, 1.0 where this rank's captured gradient of the step is non-zero (fp32 on the host).
+
+        Afterwards the buffer holds exactly this step's local gradient (views not reached this step are zeroed) until
+        the next step's first hook: :meth:`flush` reduces it for the norms. Over the ranks an adapter is active when
+        it is on any rank: a sum of non-zero gradients that cancels to exactly 0.0 in every element would count as
+        non-zero here (and as zero under DDP).
+        """
+        for index, view in enumerate(self._captured):
+            if self._view_step[index] not in (-1, self._generation):  # an earlier step's gradient: none this step
+                view.zero_()
+                self._view_step[index] = -1
+        norms = [torch.linalg.vector_norm(v, dtype=torch.float32) for v in self._captured]
+        local = _to_host(norms).double() ** 2
+        flags = torch.zeros(len(self.adapters), dtype=torch.float64)
+        flags.index_add_(0, torch.arange(len(self.adapters)).repeat_interleave(2), local)
+        self._generation += 1
+        self._last_step_kept = True
+        return (flags > 0).float()
+
+    def synchronize(self) -> None:
+        """Make every rank agree on what fired and, in capture mode, count the steps collected since the last call.
+
+        A collective when a ``reduce_sum`` is bound (several ranks): call it on every rank at the same points (the
+        trainer does at every training log and save, and after training). One all-reduce of one flag per adapter and
+        per unsynchronised step.
+        """
+        self._reduce_together(with_gradient=False)
+
+    def _reduce_together(self, with_gradient: bool) -> torch.Tensor | None:
+        """One all-reduce of the fired flags, the unsynchronised steps' non-zero flags and, ``with_gradient``, the
+        kept step's gradient (capture mode); applies the flags and returns the adapters' squared norms of the kept
+        step (``None`` without gradient, or when on some rank a later micro-batch already wrote into the buffer)."""
+        n = len(self.adapters)
+        fired = torch.tensor([a.name in self.fired for a in self.adapters], dtype=torch.float32)
+        steps = len(self._unsynced_flags)
+        device = self._captured_flat.device if self._captured is not None else fired.device
+        parts = [fired.to(device), *(f.to(device) for f in self._unsynced_flags)]
+        gradient_at = sum(p.numel() for p in parts)
+        if with_gradient:
+            flat = self._captured_flat
+            flat[-1] = float(self._last_step_kept)  # whether this rank still holds the step, summed over ranks
+            self._last_step_kept = False  # reduced once
+            parts.append(flat)
+        values = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
         if self._reduce_sum is not None:
-            flat = self._reduce_sum(flat) / self._world_size
+            values = self._reduce_sum(values)
+        counts = values[:gradient_at].cpu()
+        self.fired |= {a.name for a, f in zip(self.adapters, counts[:n].tolist()) if f > 0}
+        for k in range(steps):
+            self._count_active(counts[n * (k + 1) : n * (k + 2)] > 0)
+        self._unsynced_flags = []
+        if not with_gradient:
+            return None
+        summed = values[gradient_at:]
+        if float(summed[-1]) < self._world_size:
+            return None
+        flat = summed[:-1] / self._world_size
         norms = [torch.linalg.vector_norm(part, dtype=torch.float32) for part in torch.split(flat, self._sizes)]
         per_param = _to_host(norms).double() ** 2
-        self._captured_flat.zero_()
-        sq = torch.zeros(len(self.adapters), dtype=torch.float64)
-        return sq.index_add_(0, torch.arange(len(self.adapters)).repeat_interleave(2), per_param)
+        sq = torch.zeros(n, dtype=torch.float64)
+        return sq.index_add_(0, torch.arange(n).repeat_interleave(2), per_param)
 
     def flush(self, step: int) -> dict[str, float]:
         """The metrics of the logging window that ends at ``step``, recorded in history.
@@ -187,6 +283,13 @@ class TowerTelemetry:
         Trainer's own ``grad_norm``, so the two line up (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`);
         ``active_adapters/<tower>`` is the mean share over the window's steps.
         """
+        # One collective on every rank (Trainer.log runs on each): what fired, the window's non-zero flags and, with
+        # captured gradients (DeepSpeed), the norms of the window's last step.
+        # Whether to send the gradient is decided from what every rank has alike (a step was collected since bind).
+        sq = self._reduce_together(with_gradient=self._captured is not None and self._generation > 0)
+        if sq is not None:
+            for t, norm in enumerate(self._tower_norms(sq)):
+                self._pending[f"grad_norm/{self.towers[t]}"].append(norm)
         if not self._pending:
             return {}
         metrics = {
@@ -215,15 +318,6 @@ class TowerTelemetry:
                 self.nonzero_steps[name] = int(count)
         self.fired |= set(state.get("fired", [])) & set(self.nonzero_steps)
         self.steps_collected = int(state.get("steps_collected", 0))
-
-
-def _adder(view: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    """A tensor hook that adds the gradient it is given to ``view`` and leaves the gradient as it is."""
-
-    def hook(grad: torch.Tensor) -> None:
-        view.add_(grad.detach())
-
-    return hook
 
 
 def _replica_weight(grad: torch.Tensor, world_size: int) -> float:

@@ -467,8 +467,7 @@ class MMSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.telemetry is not None and self.model.training and "loss" in logs:
-            self._sync_fired()
-            metrics = self.telemetry.flush(self.state.global_step)
+            metrics = self.telemetry.flush(self.state.global_step)  # collective: every rank logs
             if self.args.tower_telemetry:
                 logs.update(metrics)
         if self.modality_balance is not None and self.model.training and "loss" in logs:
@@ -488,14 +487,10 @@ class MMSFTTrainer(SFTTrainer):
         return self.accelerator.reduce(values.to(self.args.device), reduction="sum")
 
     def _sync_fired(self) -> None:
-        """Make every rank agree on which adapters have fired (a rank may never have seen an image batch)."""
-        if self.telemetry is None or self.accelerator.num_processes == 1:
-            return
-        flags = torch.tensor(
-            [a.name in self.telemetry.fired for a in self.adapters], dtype=torch.float32, device=self.args.device
-        )
-        flags = self.accelerator.reduce(flags, reduction="sum")
-        self.telemetry.fired |= {a.name for a, f in zip(self.adapters, flags.tolist()) if f > 0}
+        """Make every rank agree on which adapters fired (a rank may never have seen an image batch) and count the
+        telemetry's steps not yet counted (captured gradients): a collective under several processes."""
+        if self.telemetry is not None:
+            self.telemetry.synchronize()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Saving and resuming

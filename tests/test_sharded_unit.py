@@ -39,8 +39,9 @@ def test_captured_gradients_equal_accumulated_grads():
         _backward(model, ids)
     by_grad.collect()
     captured.collect()
-    assert by_grad.nonzero_steps == captured.nonzero_steps and all(v == 1 for v in captured.nonzero_steps.values())
+    assert not any(captured.nonzero_steps.values())  # counted when the flags are synchronised (log or save)
     a, b = by_grad.flush(1), captured.flush(1)
+    assert by_grad.nonzero_steps == captured.nonzero_steps and all(v == 1 for v in captured.nonzero_steps.values())
     assert a.keys() == b.keys()
     for key in a:  # the same two fp32 terms summed in the same order; the norms agree to fp32 rounding
         assert abs(b[key] - a[key]) <= 1e-6 * abs(a[key]), key
@@ -52,7 +53,61 @@ def test_captured_gradients_equal_accumulated_grads():
     assert after.keys() == a.keys() and set(after.values()) == {0.0}
     captured.bind(adapters)  # back to reading p.grad: the hooks are gone
     _backward(model, batches[0])
-    assert float(captured._captured_flat.abs().sum()) == 0.0
+    assert float(captured._captured_flat[:-1].abs().sum()) == 0.0  # the last element is the "step kept" flag
+
+
+def test_captured_norms_are_reduced_once_per_log_and_only_for_the_logged_step():
+    """Capture mode runs no collective per step: at `flush`, one all-reduce carries what fired, one flag per adapter
+    and step of the window and the last step's gradients; the window's norms are those of its last step (as with
+    `p.grad`), an adapter not reached in the last step counts zero there, `synchronize` (at a save) counts the steps
+    without the gradients, and a backward between `collect` and `flush` leaves the window without norms rather than
+    with a mixed gradient."""
+    model = _peft_model()
+    adapters = lora_adapters(model)
+    calls: list[int] = []
+
+    def two_identical_ranks(t: torch.Tensor) -> torch.Tensor:  # all-reduce(sum) of two ranks holding the same values
+        calls.append(t.numel())
+        return t * 2
+
+    by_grad, captured = TowerTelemetry(adapters), TowerTelemetry(adapters)
+    captured.bind(adapters, reduce_sum=two_identical_ranks, capture_gradients=True, world_size=2)
+    step1, step2 = torch.tensor([[1, 5, 9, 2, 7]]), torch.tensor([[3, 4, 8, 6, 1]])
+    for ids in (step1, step2):
+        model.zero_grad()
+        _backward(model, ids)
+        by_grad.collect()
+        captured.collect()
+    assert calls == []  # nothing per step
+    a, b = by_grad.flush(2), captured.flush(2)
+    n = len(adapters)  # one all-reduce at the log: fired, 2 steps' flags, the gradient buffer
+    assert calls == [n + 2 * n + captured._captured_flat.numel()]
+    assert a.keys() == b.keys() and by_grad.nonzero_steps == captured.nonzero_steps
+    for key in a:  # the last step's norm (not the sum over the window's steps)
+        assert abs(b[key] - a[key]) <= 1e-6 * abs(a[key]), key
+    # An adapter whose weights get no gradient in the next step: its stale view must not count.
+    frozen = adapters[0]
+    for p in (frozen.lora_A, frozen.lora_B):
+        p.requires_grad_(False)
+    model.zero_grad()
+    _backward(model, step1)
+    by_grad.collect()
+    captured.collect()
+    captured.synchronize()  # a save: the step is counted, the gradient stays for the log
+    assert calls[-1] == 2 * n
+    assert captured.nonzero_steps == by_grad.nonzero_steps and captured.nonzero_steps[frozen.name] == 2
+    a, b = by_grad.flush(3), captured.flush(3)
+    assert calls[-1] == n + captured._captured_flat.numel()
+    for key in a:
+        assert abs(b[key] - a[key]) <= 1e-6 * abs(a[key]), key
+    for p in (frozen.lora_A, frozen.lora_B):
+        p.requires_grad_(True)
+    # A backward after collect overwrites the kept step: no norm for that window, the shares stay.
+    _backward(model, step2)
+    captured.collect()
+    _backward(model, step1)
+    late = captured.flush(4)
+    assert late and not any(k.startswith("grad_norm/") for k in late)
 
 
 def test_audit_tells_lora_weights_by_name_after_parameters_are_replaced():

@@ -1,20 +1,23 @@
 """Step time of each engine (DDP, FSDP2, DeepSpeed ZeRO-2 / ZeRO-3) on 2 CPU processes, side by side from one run.
 
-    python tests/benchmarks/bench_sharded.py [--steps 40] [--engines ddp fsdp2 zero2 zero3]
+    python tests/benchmarks/bench_sharded.py [--steps 40] [--rounds 3] [--engines ddp fsdp2 zero2 zero3]
 
-One launch per engine (``tests/scripts/sharded_train.py``) runs the same job three times: TRL's plain
-``SFTTrainer``, ``MMSFTTrainer``, and ``MMSFTTrainer`` without tower telemetry and audit. The job: the tiny
-Qwen2.5-VL of ``tests.kit``, text-only chat data, LoRA r=4 on q/v/down_proj, 2 rows per process. Reported per
-engine, from the median step time over steps 4..N of rank 0:
+Each round launches every engine once (``tests/scripts/sharded_train.py``); a launch runs the same job three times,
+in an order that rotates from round to round: TRL's plain ``SFTTrainer``, ``MMSFTTrainer``, and ``MMSFTTrainer``
+without tower telemetry and audit. The job: the tiny Qwen2.5-VL of ``tests.kit``, text-only chat data, LoRA r=4 on
+q/v/down_proj, 2 rows per process, a log every ``--logging-steps`` (10, TRL's default). Per round and job, the
+median step time over steps 4..N of rank 0; per engine, the median over the rounds of:
 
 - ``engine / DDP``: MMSFTTrainer's step relative to MMSFTTrainer under DDP (the same job);
 - ``MM / SFT``: MMSFTTrainer relative to SFTTrainer under the same engine (goal <= 1.10);
-- ``telemetry``: MMSFTTrainer with / without telemetry and audit, and the median time of ``TowerTelemetry.collect``
-  per optimizer step (under FSDP2 it all-reduces one number per adapter, under DeepSpeed the captured gradients).
+- ``tel on/off``: MMSFTTrainer with / without telemetry and audit, and the median time of ``TowerTelemetry.collect``
+  per optimizer step, waiting for the other rank included (under FSDP2 it all-reduces one number per adapter,
+  under DeepSpeed one non-zero flag per adapter; the captured gradients are reduced once per log).
 
-On a model this small the step is mostly communication and Python overhead, so the ratios bound what the engines
-and mm-trainer add rather than measure a real model's compute. DeepSpeed on CPU needs ``DS_ACCELERATOR=cpu`` (set
-here) and builds its CPU op on first use (~3 minutes).
+with the lowest and highest round in brackets: consecutive launches on a shared 2-core machine differ by several
+percent, so a single round decides nothing. On a model this small the step is mostly communication and Python
+overhead, so the ratios bound what the engines and mm-trainer add rather than measure a real model's compute.
+DeepSpeed on CPU needs ``DS_ACCELERATOR=cpu`` (set here) and builds its CPU op on first use (~3 minutes).
 """
 
 from __future__ import annotations
@@ -39,33 +42,46 @@ def median_step(out: Path, case: str, skip: int = 3) -> float:
     return statistics.median(times[skip:])
 
 
+def spread(values: list[float]) -> str:
+    """``median [min-max]`` of per-round values."""
+    return f"{statistics.median(values):.2f}x [{min(values):.2f}-{max(values):.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="launches per engine, the cases' order rotated")
     parser.add_argument("--engines", nargs="+", default=["ddp", "fsdp2", "zero2", "zero3"])
+    parser.add_argument("--logging-steps", type=int, default=10, help="TRL's SFTConfig default")
     ns = parser.parse_args()
-    rows = {}
+    rounds: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for engine in ns.engines:
-            out = Path(tmp) / engine
-            launch_engine(engine, out, *CASES, steps=ns.steps, timeout=3600)  # 3 jobs x --steps per launch
-            collect = json.loads((out / "text" / "rank0.json").read_text())["collect_times"]
-            rows[engine] = {case: median_step(out, case) for case in CASES} | {
-                "collect": statistics.median(collect[3:])
-            }
-    ddp = rows.get("ddp", {}).get("text")
-    print(f"median step over steps 4..{ns.steps}, rank 0, 2 CPU processes (gloo)")
-    header = (
-        f"{'engine':<7} {'SFT ms':>8} {'MM ms':>8} {'MM-notel ms':>12} {'engine/DDP':>11} {'MM/SFT':>7} "
-        f"{'tel on/off':>10} {'collect ms':>11}"
+        for k in range(ns.rounds):
+            for engine in ns.engines:
+                out = Path(tmp) / engine / f"round{k}"
+                cases = CASES[k % len(CASES) :] + CASES[: k % len(CASES)]  # who runs first rotates
+                extra = ("--logging-steps", str(ns.logging_steps))
+                launch_engine(engine, out, *cases, steps=ns.steps, extra=extra, timeout=3600)  # 3 jobs x --steps
+                collect = json.loads((out / "text" / "rank0.json").read_text())["collect_times"]
+                rounds.setdefault(engine, []).append(
+                    {case: median_step(out, case) for case in CASES} | {"collect": statistics.median(collect[3:])}
+                )
+    print(
+        f"median step over steps 4..{ns.steps}, rank 0, 2 CPU processes (gloo), a log every {ns.logging_steps} "
+        f"steps; {ns.rounds} rounds per engine (ratios: median [min-max] of the rounds' ratios)"
     )
-    print(header)
-    for engine, r in rows.items():
-        rel = f"{r['text'] / ddp:.2f}x" if ddp else "-"
+    print(
+        f"{'engine':<7} {'SFT ms':>8} {'MM ms':>8} {'MM-notel ms':>12} {'engine/DDP':>20} {'MM/SFT':>20} "
+        f"{'tel on/off':>20} {'collect ms':>11}"
+    )
+    ddp = rounds.get("ddp")
+    for engine, rs in rounds.items():
+        med = {key: statistics.median(r[key] for r in rs) for key in (*CASES, "collect")}
+        rel = spread([r["text"] / d["text"] for r, d in zip(rs, ddp)]) if ddp else "-"
         print(
-            f"{engine:<7} {r['text-sft'] * 1e3:>8.1f} {r['text'] * 1e3:>8.1f} {r['text-notel'] * 1e3:>12.1f} "
-            f"{rel:>11} {r['text'] / r['text-sft']:>6.2f}x {r['text'] / r['text-notel']:>9.2f}x "
-            f"{r['collect'] * 1e3:>11.2f}"
+            f"{engine:<7} {med['text-sft'] * 1e3:>8.1f} {med['text'] * 1e3:>8.1f} {med['text-notel'] * 1e3:>12.1f} "
+            f"{rel:>20} {spread([r['text'] / r['text-sft'] for r in rs]):>20} "
+            f"{spread([r['text'] / r['text-notel'] for r in rs]):>20} {med['collect'] * 1e3:>11.2f}"
         )
 
 

@@ -61,7 +61,7 @@ def engine_name(trainer: Any) -> str:
     return "ddp" if trainer.accelerator.num_processes > 1 else "single"
 
 
-def run_case(out: Path, case: str, steps: int) -> None:
+def run_case(out: Path, case: str, steps: int, logging_steps: int = 1) -> None:
     plain_sft = case.endswith("-sft")
     no_telemetry = case.endswith("-notel")
     base_case = case.removesuffix("-sft").removesuffix("-notel")
@@ -76,6 +76,7 @@ def run_case(out: Path, case: str, steps: int) -> None:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     settings: dict[str, Any] = {
         "max_steps": steps,
+        "logging_steps": logging_steps,
         "seed": 3,
         "max_length": None,
         "per_device_train_batch_size": 2,
@@ -143,9 +144,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("cases", nargs="+")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--logging-steps", type=int, default=1, help="the tests compare every step's log")
     ns = parser.parse_args()
     for case in ns.cases:
-        run_case(ns.out, case, ns.steps)
+        run_case(ns.out, case, ns.steps, ns.logging_steps)
 
 
 if __name__ == "__main__":

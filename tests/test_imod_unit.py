@@ -195,6 +195,24 @@ def test_closed_form_gradient_matches_the_reference_on_every_kind_of_sequence():
     assert layout.sequences_with_both == 2 and ref.abs().max() > 1e-2
 
 
+def test_constraint_gradient_of_stacked_layers_equals_each_layer_alone():
+    """The injector computes all layers of a micro-batch in one batched call: row l of the result must be layer l's
+    own result (no mixing across layers), to fp32 rounding of the batched products."""
+    g = torch.Generator().manual_seed(5)
+    classes = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT, TEXT, PAD], [IMAGE, TEXT, IMAGE, TEXT, IMAGE, TEXT]])
+    layout = TokenLayout.from_classes(classes)
+    stacked = torch.randn(3, classes.numel(), 3 * RANK, generator=g)
+    stacked[1] *= 100.0  # layers of very different scales side by side
+    together = constraint_gradient(stacked, layout, 0.7, 0.5, 0.25)
+    assert together.decoupling.shape == together.alignment.shape == (3,)
+    for layer in range(3):
+        alone = constraint_gradient(stacked[layer], layout, 0.7, 0.5, 0.25)
+        for field in ("exclusive", "shared", "decoupling", "alignment"):
+            a, b = getattr(alone, field), getattr(together, field)[layer]
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()), msg=field)
+        assert float(alone.alignment) != 0.0 and float(alone.shared.abs().max()) > 0
+
+
 def _injected(scale: float, calls) -> tuple[torch.Tensor, float]:
     """(A's gradient with IMoD armed minus A's gradient of the same task alone, the rounding bound of that difference).
 

@@ -157,6 +157,11 @@ def constraint_gradient(
     per-group weights come from ``layout`` (built once per micro-batch). ``responses`` may be a strided view (the
     columns of a wider product); it is read, never copied.
 
+    ``responses`` may also hold several layers of the same micro-batch stacked (``layers x tokens x 3r``): every
+    operation then runs once for all of them, and each field of the result gains the leading ``layers`` dimension
+    (``decoupling`` and ``alignment`` become one value per layer). Layers do not mix: row ``l`` of the result is the
+    result of row ``l`` alone.
+
     - MSDC: ``∂L_TS/∂z_i = 2 w_i z_i / (r n)`` with ``w_i`` the token's weight in its sequence's text mean (likewise
       ``L_OS``), ``n`` the number of sequences.
     - MAAC, per group ``g`` (a sequence's text or non-text tokens) with mean ``m_g``, ``m̂ = m / |m|``,
@@ -167,13 +172,13 @@ def constraint_gradient(
     """
     r = responses.shape[-1] // 3
     n = max(layout.num_sequences, 1)
-    non_text_part, text_part, shared = responses[:, :r], responses[:, r : 2 * r], responses[:, 2 * r :]
+    non_text_part, text_part, shared = responses[..., :r], responses[..., r : 2 * r], responses[..., 2 * r :]
     # A text token's L_TS response is its M_o block, a non-text token's L_OS response its M_t block.
     exclusive = torch.where(layout.text_mask, non_text_part, text_part).float()
     weight = layout.token_weight[:, None]
-    decoupling = (exclusive.square() * weight).sum() / (r * n)
+    decoupling = (exclusive.square() * weight).sum((-2, -1)) / (r * n)
     exclusive_grad = exclusive.mul_(weight * (2.0 * lambda_msd * scale / (r * n)))
-    alignment = decoupling.new_zeros(())
+    alignment = torch.zeros_like(decoupling)
     shared_grad = None
     if lambda_ma and layout.sequences_with_both:
         alignment, shared_grad = _alignment_gradient(shared.float(), layout, lambda_ma * scale / n)
@@ -182,30 +187,31 @@ def constraint_gradient(
 
 
 def _alignment_gradient(shared: torch.Tensor, layout: TokenLayout, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ_{sequences with both} L_MA, factor · ∂ Σ L_MA / ∂shared)`` in closed form (see :func:`constraint_gradient`)."""
+    """``(Σ_{sequences with both} L_MA, factor · ∂ Σ L_MA / ∂shared)`` in closed form (see :func:`constraint_gradient`);
+    ``shared`` is ``tokens x r`` or ``layers x tokens x r``."""
     eps = 1e-8
     s = layout.num_sequences
     group = layout.group
-    means = layout.group_mean @ shared  # m_g, 2S x r
-    mean_norm = torch.linalg.vector_norm(means, dim=1, keepdim=True).clamp_min_(eps)
+    means = layout.group_mean @ shared  # m_g, (layers x) 2S x r
+    mean_norm = torch.linalg.vector_norm(means, dim=-1, keepdim=True).clamp_min_(eps)
     mean_unit = means.div_(mean_norm)
-    norm = torch.linalg.vector_norm(shared, dim=1, keepdim=True).clamp_min_(eps)
+    norm = torch.linalg.vector_norm(shared, dim=-1, keepdim=True).clamp_min_(eps)
     unit = shared / norm  # ŝ_i
-    centre = mean_unit.index_select(0, group)  # m̂ of each token's group
+    centre = mean_unit.index_select(-2, group)  # m̂ of each token's group
     cos = torch.linalg.vecdot(unit, centre)  # cos_i
-    concentration = layout.group_mean @ cos  # c_g
-    other_unit = mean_unit.roll(s, 0)  # m̂ of the sequence's other modality
+    concentration = cos @ layout.group_mean.T  # c_g
+    other_unit = mean_unit.roll(s, -2)  # m̂ of the sequence's other modality
     between = torch.linalg.vecdot(mean_unit, other_unit)  # γ of the group's sequence (both halves)
-    both_sum = concentration + concentration.roll(s, 0)  # c_t + c_o of the group's sequence
-    alignment = layout.both_groups[:s] @ (1.0 - both_sum[:s] * between[:s])
+    both_sum = concentration + concentration.roll(s, -1)  # c_t + c_o of the group's sequence
+    alignment = (1.0 - both_sum[..., :s] * between[..., :s]) @ layout.both_groups[:s]
     # -v_g = γ (mean_i ŝ_i - c_g m̂_g) / |m_g| + (c_t + c_o) (m̂_other - γ m̂_g) / |m_g|
-    gamma, total = between[:, None], both_sum[:, None]
+    gamma, total = between[..., None], both_sum[..., None]
     minus_v = (layout.group_mean @ unit).mul_(gamma).addcmul_(total, other_unit)
-    minus_v.addcmul_(gamma * (concentration[:, None] + total), mean_unit, value=-1.0).div_(mean_norm)
+    minus_v.addcmul_(gamma * (concentration[..., None] + total), mean_unit, value=-1.0).div_(mean_norm)
     coef = layout.both_weight * -factor  # -w_i · factor, 0 off sequences with both modalities
-    direct = (coef * between.index_select(0, group))[:, None].div_(norm)  # -w_i γ / |s_i| · factor
-    grad = minus_v.index_select(0, group).mul_(coef[:, None])
-    grad.addcmul_(direct, centre).addcmul_(direct * cos[:, None], unit, value=-1.0)
+    direct = (coef * between.index_select(-1, group))[..., None].div_(norm)  # -w_i γ / |s_i| · factor
+    grad = minus_v.index_select(-2, group).mul_(coef[:, None])
+    grad.addcmul_(direct, centre).addcmul_(direct * cos[..., None], unit, value=-1.0)
     return alignment, grad
 
 

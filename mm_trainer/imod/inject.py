@@ -6,11 +6,14 @@ The mechanism, for one micro-batch (armed by :meth:`IMoDInjector.arm` before the
 1. While armed, each constrained layer's ``lora_A`` runs :class:`ZonedLoraA` instead of ``F.linear``. Its forward
    reads the input ``X`` once for the zone responses ``Z = X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` the constraints are made
    of; since the zones cover ``A`` once, the sum of the three ``r``-column blocks is LoRA's ``A x``, returned as
-   usual. From ``Z`` it computes,
-   right away and in fp32, the constraint values and their gradient w.r.t. the responses ``∂C/∂Z`` (scaled for
-   gradient accumulation; :func:`~.constraints.constraint_gradient`, in closed form: a fixed few tensor operations,
-   no autograd graph, no loop, no host-device synchronisation), and keeps that on the autograd node.
-2. Its backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u + ∂C/∂Z_k]_kᵀ X`` (``3r`` rows); each
+   usual. ``Z`` is handed to the injector, which keeps it until the backward needs the constraint gradient.
+2. The first constrained layer whose backward runs (the last one of the forward) has the injector compute, in fp32,
+   the constraint values and their gradient w.r.t. the responses ``∂C/∂Z`` of *every* layer handed in so far, in
+   one batch (layers stacked, in chunks of at most :data:`BATCH_ELEMENTS` response elements; scaled for gradient
+   accumulation; :func:`~.constraints.constraint_gradient`, in closed form: a fixed few tensor operations for all
+   the layers of a chunk, no autograd graph, no loop, no host-device synchronisation). On a short batch the
+   constraint's cost is its operations' fixed overhead, paid once per chunk instead of once per layer.
+3. Each layer's backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u + ∂C/∂Z_k]_kᵀ X`` (``3r`` rows); each
    ``r``-row block masked by its zone ``M_k`` and the blocks summed give ``∇A`` of the task plus that of the
    constraints. ``A`` receives the sum through its ``AccumulateGrad``, so DDP all-reduces it in the same buckets as the task gradient, before
    gradient clipping; ``∂L/∂X = ∂L/∂u · A`` as in plain LoRA (the constraints treat ``X`` as a constant), so ``B``,
@@ -32,14 +35,15 @@ non-reentrant activation checkpointing (its recomputation in the backward runs t
 tensors identical, but computes no constraint and its node is not the one the backward uses), the recomputation under
 reentrant checkpointing (whose first forward runs without autograd), and never the extra no-grad forward some TRL
 loss paths run. Because the constraint gradient is kept on the node of the call that counted, nothing is counted
-twice. What stays in memory until the backward: ``∂C/∂Z`` in ``tokens x 2r`` fp32 per layer (see
-:class:`ZonedLoraA`); the input ``X`` itself, ``tokens x d``, is kept by autograd for LoRA anyway.
+twice. What stays in memory until the backward: ``Z`` in ``tokens x 3r`` fp32 per layer, then ``∂C/∂Z`` in
+``tokens x 2r`` (see :class:`ZonedLoraA`); the input ``X`` itself, ``tokens x d``, is kept by autograd for LoRA
+anyway.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -51,15 +55,20 @@ from .dominance import lora_linear_modules
 from .masks import IMoDMasks
 from .tokens import TokenLayout
 
+BATCH_ELEMENTS = 1 << 22
+"""Most response elements (``layers x tokens x 3r``) whose constraint gradient is computed in one batch: bounds the
+temporaries of the batched computation (about ten ``layers x tokens x r`` fp32 tensors) at ~60 MiB."""
+
 
 class ZonedLoraA(torch.autograd.Function):
     """``u = x Aᵀ`` computed through the zone responses, whose backward adds a precomputed constraint gradient to ``∇A``.
 
     ``forward(x, weight, masks, step)``: ``masks`` is :func:`~.constraints.zone_masks` of ``A`` (``3 x r x d``
-    fp32 0/1); ``step`` is ``None`` (no constraint: the task gradient only) or a callable that receives the zone responses
-    ``Z = X [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``tokens x 3r`` fp32) and returns ``(∂C/∂Z as a ResponseGradient,
-    text_rows)``, with ``text_rows`` the ``tokens x 1`` float indicator of text tokens. Its compact ``exclusive`` /
-    ``shared`` blocks are what stays in memory until the backward.
+    fp32 0/1); ``step`` is ``None`` (no constraint: the task gradient only) or a callable that receives the zone
+    responses ``Z = X [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``tokens x 3r`` fp32) and returns ``(∂C/∂Z as a ResponseGradient,
+    text_rows)``, with ``text_rows`` the ``tokens x 1`` float indicator of text tokens; or a callable without
+    arguments that the backward calls for ``∂C/∂Z`` in full width (``tokens x 3r`` fp32, which the backward may
+    overwrite): the injector's way, which computes all layers' gradients together, already laid out.
 
     Since the zones cover ``A`` once, ``A x = Σ_k (A⊙M_k) x``: the forward reads ``X`` once for ``Z`` (``3r``
     columns, ``2r`` more than LoRA's) and sums its blocks for ``u``. Likewise ``∇A = Σ_k M_k ⊙ ((∂L/∂u + ∂C/∂Z_k)ᵀ X)``:
@@ -72,8 +81,9 @@ class ZonedLoraA(torch.autograd.Function):
         r, d = weight.shape
         # F.linear's output dtype: the autocast dtype when autocast is on, else the input's.
         device_type = x.device.type
-        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        with torch.autocast(device_type=device_type, enabled=False):
+        autocast = torch.is_autocast_enabled(device_type)
+        out_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        with torch.autocast(device_type=device_type, enabled=False) if autocast else nullcontext():
             zoned = (weight.float() * masks).view(3 * r, d)  # [A⊙M_o; A⊙M_t; A⊙M_s]
             responses = x.reshape(-1, d).float() @ zoned.T  # Z, one read of X
             u = responses.view(-1, 3, r).sum(1)
@@ -94,16 +104,24 @@ class ZonedLoraA(torch.autograd.Function):
             if response is None:
                 grad_weight = (grad_u.T @ x.reshape(-1, d).float()).to(weight.dtype)
             else:
-                gradient, text_rows = response
-                exclusive = gradient.exclusive
-                on_text = exclusive * text_rows  # ∂C/∂(A⊙M_o)x lives on text tokens, ∂C/∂(A⊙M_t)x on the others
-                shared = gradient.shared if gradient.shared is not None else torch.zeros_like(exclusive)
-                left = torch.cat([on_text, exclusive.sub_(on_text), shared], dim=1)
+                left = response() if callable(response) else _full_width(*response)  # ∂C/∂Z, tokens x 3r
                 left.view(-1, 3, r).add_(grad_u[:, None])  # ∂L/∂u + ∂C/∂Z_k per zone block
                 products = left.T @ x.reshape(-1, d).float()  # one read of X for task and constraint
                 grad_weight = products.view(3, r, d).mul_(masks).sum(0).to(weight.dtype)
         ctx.response_grad = None
         return grad_x, grad_weight, None, None
+
+
+def _full_width(gradient: ResponseGradient, text_rows: torch.Tensor) -> torch.Tensor:
+    """``∂C/∂Z`` as ``tokens x 3r`` (blocks ``M_o, M_t, M_s``) from its compact form; the exclusive block is consumed.
+
+    ``∂C/∂(A⊙M_o)x`` lives on text tokens, ``∂C/∂(A⊙M_t)x`` on the others. Works on stacked layers too
+    (``layers x tokens x r`` in, ``layers x tokens x 3r`` out).
+    """
+    exclusive = gradient.exclusive
+    on_text = exclusive * text_rows
+    shared = gradient.shared if gradient.shared is not None else torch.zeros_like(exclusive)
+    return torch.cat([on_text, exclusive.sub_(on_text), shared], dim=-1)
 
 
 class IMoDInjector:
@@ -141,6 +159,8 @@ class IMoDInjector:
         self._scale = 1.0
         self._counted: set[int] = set()
         self._armed = False
+        self._pending: dict[int, tuple[torch.Tensor, TokenLayout]] = {}  # responses waiting for the backward
+        self._ready: dict[int, torch.Tensor] = {}  # ∂C/∂Z computed, not yet taken by the layer's backward
         self._terms: torch.Tensor | None = None  # per layer of the micro-batch: [L_TS + L_OS, L_MA]
         self._metric_sums: torch.Tensor | None = None  # [Σ msd, #msd, Σ ma, #ma]
         self.micro_steps = 0
@@ -166,6 +186,7 @@ class IMoDInjector:
         self._layout = layout
         self._scale = float(scale)
         self._counted = set()
+        self._pending, self._ready = {}, {}
         self._terms = None
         self.micro_steps += 1
         self.micro_steps_with_non_text += int(layout.has_non_text)
@@ -184,8 +205,10 @@ class IMoDInjector:
         for module in self._lora_a:
             module.__dict__.pop("forward", None)
         self._armed = False
+        self._compute_pending()  # layers whose backward never ran (an aborted step): their metrics still count
         self._record()
         self._layout = None
+        self._ready = {}
 
     @contextmanager
     def armed(self, layout: TokenLayout, scale: float) -> Iterator[IMoDInjector]:
@@ -215,17 +238,41 @@ class IMoDInjector:
             self.aligned_layers.add(self.adapters[index].name)
             layout = layout.to(x.device)
 
-            def step(responses: torch.Tensor) -> tuple[ResponseGradient, torch.Tensor]:
-                return self._response_grad(index, responses, layout), layout.text_rows
+            def step(responses: torch.Tensor) -> Callable[[], torch.Tensor]:
+                self._pending[index] = (responses, layout)
+                return lambda: self._take(index)
 
         return ZonedLoraA.apply(x, module.weight, self._masks_of(index, module.weight.device), step)
 
-    def _response_grad(self, index: int, responses: torch.Tensor, layout: TokenLayout) -> ResponseGradient:
-        grad = constraint_gradient(responses, layout, self.lambda_msd, self.lambda_ma, self._scale)
-        if self._terms is None:
-            self._terms = responses.new_zeros(len(self._lora_a), 2)
-        torch.stack([grad.decoupling, grad.alignment.to(grad.decoupling.device)], out=self._terms[index])
-        return grad
+    def _take(self, index: int) -> torch.Tensor:
+        """Layer ``index``'s ``∂C/∂Z`` (``tokens x 3r``), for its backward: computed with every layer still pending."""
+        if index not in self._ready:
+            self._compute_pending()
+        return self._ready.pop(index)
+
+    def _compute_pending(self) -> None:
+        """Constraint gradients of every pending layer, layers with the same response shape and device stacked."""
+        pending, self._pending = self._pending, {}
+        groups: dict[tuple[torch.Size, torch.device], list[int]] = {}
+        for index, (responses, _) in pending.items():
+            groups.setdefault((responses.shape, responses.device), []).append(index)
+        for (shape, _), indices in groups.items():
+            per_chunk = max(1, BATCH_ELEMENTS // max(shape.numel(), 1))
+            for start in range(0, len(indices), per_chunk):
+                chunk = indices[start : start + per_chunk]
+                layout = pending[chunk[0]][1]
+                stacked = torch.stack([pending[i][0] for i in chunk])
+                for i in chunk:
+                    pending[i] = None  # type: ignore[assignment]  # let each response go once stacked
+                grad = constraint_gradient(stacked, layout, self.lambda_msd, self.lambda_ma, self._scale)
+                del stacked
+                if self._terms is None:
+                    self._terms = grad.decoupling.new_zeros(len(self._lora_a), 2)
+                terms = torch.stack([grad.decoupling, grad.alignment], dim=1).to(self._terms.device)
+                self._terms.index_copy_(0, torch.tensor(chunk, device=self._terms.device), terms)
+                full = _full_width(grad, layout.text_rows)  # laid out once for the chunk, not once per layer
+                for row, i in enumerate(chunk):
+                    self._ready[i] = full[row]
 
     def _masks_of(self, index: int, device: torch.device) -> torch.Tensor:
         masks = self._zone_masks.get(index)

@@ -12,7 +12,10 @@ median step time over steps 4..N of rank 0; per engine, the median over the roun
 - ``MM / SFT``: MMSFTTrainer relative to SFTTrainer under the same engine (goal <= 1.10);
 - ``tel on/off``: MMSFTTrainer with / without telemetry and audit, and the median time of ``TowerTelemetry.collect``
   per optimizer step, waiting for the other rank included (under FSDP2 it all-reduces one number per adapter,
-  under DeepSpeed one non-zero flag per adapter; the captured gradients are reduced once per log).
+  under DeepSpeed one non-zero flag per adapter; the captured gradients are reduced once per log);
+- ``guard ms``: median time of the per-micro-batch modality check (``BatchModalityGuard.check``: one all-reduce of
+  3 flags on several processes, so that a batch with an unseen modality stops every rank at the same step), waiting
+  for the other rank included.
 
 with the lowest and highest round in brackets: consecutive launches on a shared 2-core machine differ by several
 percent, so a single round decides nothing. On a model this small the step is mostly communication and Python
@@ -62,9 +65,11 @@ def main() -> None:
                 cases = CASES[k % len(CASES) :] + CASES[: k % len(CASES)]  # who runs first rotates
                 extra = ("--logging-steps", str(ns.logging_steps))
                 launch_engine(engine, out, *cases, steps=ns.steps, extra=extra, timeout=3600)  # 3 jobs x --steps
-                collect = json.loads((out / "text" / "rank0.json").read_text())["collect_times"]
+                info = json.loads((out / "text" / "rank0.json").read_text())
                 rounds.setdefault(engine, []).append(
-                    {case: median_step(out, case) for case in CASES} | {"collect": statistics.median(collect[3:])}
+                    {case: median_step(out, case) for case in CASES}
+                    | {"collect": statistics.median(info["collect_times"][3:])}
+                    | {"guard": statistics.median(info["guard_times"][3:]) if info["guard_times"] else 0.0}
                 )
     print(
         f"median step over steps 4..{ns.steps}, rank 0, 2 CPU processes (gloo), a log every {ns.logging_steps} "
@@ -72,16 +77,17 @@ def main() -> None:
     )
     print(
         f"{'engine':<7} {'SFT ms':>8} {'MM ms':>8} {'MM-notel ms':>12} {'engine/DDP':>20} {'MM/SFT':>20} "
-        f"{'tel on/off':>20} {'collect ms':>11}"
+        f"{'tel on/off':>20} {'collect ms':>11} {'guard ms':>9}"
     )
     ddp = rounds.get("ddp")
     for engine, rs in rounds.items():
-        med = {key: statistics.median(r[key] for r in rs) for key in (*CASES, "collect")}
+        med = {key: statistics.median(r[key] for r in rs) for key in (*CASES, "collect", "guard")}
         rel = spread([r["text"] / d["text"] for r, d in zip(rs, ddp)]) if ddp else "-"
         print(
             f"{engine:<7} {med['text-sft'] * 1e3:>8.1f} {med['text'] * 1e3:>8.1f} {med['text-notel'] * 1e3:>12.1f} "
             f"{rel:>20} {spread([r['text'] / r['text-sft'] for r in rs]):>20} "
-            f"{spread([r['text'] / r['text-notel'] for r in rs]):>20} {med['collect'] * 1e3:>11.2f}"
+            f"{spread([r['text'] / r['text-notel'] for r in rs]):>20} {med['collect'] * 1e3:>11.2f} "
+            f"{med['guard'] * 1e3:>9.2f}"
         )
 
 

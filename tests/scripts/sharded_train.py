@@ -119,6 +119,19 @@ def run_case(out: Path, case: str, steps: int, logging_steps: int = 1) -> None:
             collect_times.append(time.perf_counter() - start)
 
         telemetry.collect = timed_collect
+    guard_times: list[float] = []
+    guard = getattr(trainer, "batch_guard", None)
+    if guard is not None:  # time the per-micro-batch modality check (one all-reduce of 3 flags on several ranks)
+        check = guard.check
+
+        def timed_check(*args: Any, **kwargs: Any) -> None:
+            start = time.perf_counter()
+            try:
+                check(*args, **kwargs)
+            finally:
+                guard_times.append(time.perf_counter() - start)
+
+        guard.check = timed_check
     trainer.train()
     if not plain_sft:  # plain TRL's save fails under FSDP2 (PEFT gets sharded tensors); the benchmark needs none
         trainer.save_model(str(out / case / "final"))
@@ -130,6 +143,7 @@ def run_case(out: Path, case: str, steps: int, logging_steps: int = 1) -> None:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "step_times": times.times,
         "collect_times": collect_times,
+        "guard_times": guard_times,
     }
     if telemetry is not None:
         info["telemetry"] = telemetry.state_dict()

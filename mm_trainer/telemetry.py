@@ -21,11 +21,11 @@ class TowerTelemetry:
     (gradient norm of its last step, mean share of active adapters), ready for ``Trainer.log``, and appends them to
     :attr:`history`.
 
-    The cost is one norm per adapter weight and one device-to-host copy per step; with sharded gradients (FSDP2) one
-    all-reduce of one number per adapter per step; with captured ones (DeepSpeed, see :meth:`bind`) no collective per
-    step, and one all-reduce per log of the last step's adapter gradients with the window's non-zero flags. On
-    several ranks :meth:`synchronize` (every log and save) makes every rank agree on what fired and what was
-    non-zero.
+    The cost is one norm per adapter weight and one device-to-host copy per step, and no collective per step: on
+    several ranks one all-reduce per log (:meth:`flush`) or save (:meth:`synchronize`) makes every rank agree on what
+    fired and, for the steps since the last one, what was non-zero and the norms: with sharded gradients (FSDP2) it
+    carries each step's per-adapter sums of squared shards, with captured ones (DeepSpeed, see :meth:`bind`) each
+    step's non-zero flags and, at a log, the last step's adapter gradients.
 
     Args:
         adapters: The adapters to watch.
@@ -47,11 +47,12 @@ class TowerTelemetry:
         self._sizes: list[int] = []
         # Capture mode: the step (generation) each view last received a gradient in, -1 when it holds zeros; the
         # buffer holds exactly the last collected step's local gradient while `_last_step_kept` is True. The local
-        # non-zero flags of the steps collected since the last synchronisation wait in `_unsynced_flags`.
+        # non-zero flags (capture mode) or squared shard norms (FSDP2) of the steps collected since the last
+        # synchronisation wait in `_unsynced`, one row per step.
         self._view_step: list[int] = []
         self._generation = 0
         self._last_step_kept = False
-        self._unsynced_flags: list[torch.Tensor] = []
+        self._unsynced: list[torch.Tensor] = []
         self._reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._world_size = 1
         self.steps_collected = 0
@@ -68,9 +69,10 @@ class TowerTelemetry:
 
         Args:
             adapters: The adapters of the prepared model.
-            reduce_sum: Sums a tensor over the ranks (every rank calls it at the same steps). Needed when gradients
-                are sharded (FSDP2: each rank sums the squares of its shards, one all-reduce of one number per
-                adapter per step) or captured (``capture_gradients``).
+            reduce_sum: Sums a tensor over the ranks (every rank calls it at the same points: :meth:`flush` and
+                :meth:`synchronize`). With it, the ranks agree on what fired; needed when gradients are sharded
+                (FSDP2: each rank sums the squares of its shards per step, added over the ranks once per log or save)
+                or captured (``capture_gradients``).
             capture_gradients: Read each micro-batch's gradient with a hook on A and B as autograd delivers it and
                 sum it over the step's micro-batches. :meth:`collect` keeps each step's local non-zero flags (an
                 adapter is active when its gradient is non-zero on any rank) and the last step's gradient; the
@@ -107,7 +109,7 @@ class TowerTelemetry:
             self._view_step = [-1] * len(params)
             self._generation = 0
             self._last_step_kept = False
-            self._unsynced_flags = []
+            self._unsynced = []
             for index, p in enumerate(params):
                 self._grad_hooks.append(p.register_hook(self._capture_hook(index)))
 
@@ -147,9 +149,16 @@ class TowerTelemetry:
         self.steps_collected += 1
         if self._captured is not None:
             # Local flags only; they are reduced with the rest at the next log or save (synchronize / flush).
-            self._unsynced_flags.append(self._captured_local_flags())
+            self._unsynced.append(self._captured_local_flags())
             return
-        sq = self._squared_norms()
+        sq, summed = self._squared_norms()
+        if summed:  # FSDP2: sums of squared shards, added over the ranks at the next log or save
+            self._unsynced.append(sq)
+            return
+        self._count_step(sq)
+
+    def _count_step(self, sq: torch.Tensor) -> None:
+        """Record one optimizer step from the adapters' squared gradient norms (the same on every rank)."""
         for t, norm in enumerate(self._tower_norms(sq)):
             self._pending[f"grad_norm/{self.towers[t]}"].append(norm)
         self._count_active(sq > 0)
@@ -169,8 +178,9 @@ class TowerTelemetry:
         tower_sq = torch.zeros(len(self.towers), dtype=torch.float64).index_add_(0, self._tower_index, sq)
         return [math.sqrt(float(v)) for v in tower_sq]
 
-    def _squared_norms(self) -> torch.Tensor:
-        """Squared norm of each adapter's step gradient (A and B together), float64 on the host, equal on all ranks."""
+    def _squared_norms(self) -> tuple[torch.Tensor, bool]:
+        """Squared norm of each adapter's step gradient (A and B together), float64 on the host, and whether it is
+        this rank's share of a sum over the ranks (FSDP2's sharded gradients: the sum is taken at synchronisation)."""
         n = len(self.adapters)
         # FSDP2: each rank holds a shard of every gradient and the squares add up over the ranks. Decided from the
         # parameters, the same on every rank, so that every rank joins the all-reduce.
@@ -192,9 +202,7 @@ class TowerTelemetry:
             norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
             per_param = _to_host(norms).double() ** 2 * torch.tensor(weights, dtype=torch.float64)
             sq.index_add_(0, torch.tensor(owners, dtype=torch.long), per_param)
-        if summed:
-            sq = self._reduce_sum(sq).cpu()
-        return sq
+        return sq, summed
 
     def _capture_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         """A tensor hook adding each micro-batch's gradient of weight ``index`` to its view, leaving the gradient as is.
@@ -234,23 +242,28 @@ class TowerTelemetry:
         return (flags > 0).float()
 
     def synchronize(self) -> None:
-        """Make every rank agree on what fired and, in capture mode, count the steps collected since the last call.
+        """Make every rank agree on what fired and count the steps collected since the last call (their non-zero
+        flags, and under FSDP2 their norms).
 
         A collective when a ``reduce_sum`` is bound (several ranks): call it on every rank at the same points (the
-        trainer does at every training log and save, and after training). One all-reduce of one flag per adapter and
-        per unsynchronised step.
+        trainer does at every training log and save, and after training). One all-reduce of one number per adapter
+        and per unsynchronised step.
         """
         self._reduce_together(with_gradient=False)
 
     def _reduce_together(self, with_gradient: bool) -> torch.Tensor | None:
-        """One all-reduce of the fired flags, the unsynchronised steps' non-zero flags and, ``with_gradient``, the
-        kept step's gradient (capture mode); applies the flags and returns the adapters' squared norms of the kept
-        step (``None`` without gradient, or when on some rank a later micro-batch already wrote into the buffer)."""
+        """One all-reduce of the fired flags, the unsynchronised steps' rows (non-zero flags in capture mode, sums of
+        squared shards under FSDP2) and, ``with_gradient``, the kept step's gradient (capture mode); counts the steps
+        and returns the adapters' squared norms of the kept step (``None`` without gradient, or when on some rank a
+        later micro-batch already wrote into the buffer)."""
         n = len(self.adapters)
-        fired = torch.tensor([a.name in self.fired for a in self.adapters], dtype=torch.float32)
-        steps = len(self._unsynced_flags)
-        device = self._captured_flat.device if self._captured is not None else fired.device
-        parts = [fired.to(device), *(f.to(device) for f in self._unsynced_flags)]
+        capture = self._captured is not None
+        # fp64 for FSDP2's sums of squares (as DDP's norms), fp32 beside a captured gradient buffer (fp32 itself)
+        dtype = torch.float32 if capture else torch.float64
+        fired = torch.tensor([a.name in self.fired for a in self.adapters], dtype=dtype)
+        steps = len(self._unsynced)
+        device = self._captured_flat.device if capture else fired.device
+        parts = [fired.to(device), *(f.to(device, dtype) for f in self._unsynced)]
         gradient_at = sum(p.numel() for p in parts)
         if with_gradient:
             flat = self._captured_flat
@@ -263,8 +276,12 @@ class TowerTelemetry:
         counts = values[:gradient_at].cpu()
         self.fired |= {a.name for a, f in zip(self.adapters, counts[:n].tolist()) if f > 0}
         for k in range(steps):
-            self._count_active(counts[n * (k + 1) : n * (k + 2)] > 0)
-        self._unsynced_flags = []
+            row = counts[n * (k + 1) : n * (k + 2)]
+            if capture:
+                self._count_active(row > 0)
+            else:  # FSDP2: the step's squared norms, summed over the ranks
+                self._count_step(row.double())
+        self._unsynced = []
         if not with_gradient:
             return None
         summed = values[gradient_at:]

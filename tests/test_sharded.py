@@ -112,7 +112,7 @@ def check_against_ddp(engine: str, out: Path, ddp: Path, cases: tuple[str, ...] 
         infos, ref = rank_infos(out, case), rank_infos(ddp, case)
         assert [i["engine"] for i in infos] == [engine, engine], case
         assert [i["world_size"] for i in infos] == [2, 2] and [i["steps"] for i in infos] == [STEPS, STEPS]
-        # Every rank agrees on the telemetry (sharded norms are summed over the ranks at every step).
+        # Every rank agrees on the telemetry (sharded norms are summed over the ranks at every log).
         assert infos[0]["telemetry"] == infos[1]["telemetry"], case
         # Telemetry equals DDP's: the same non-zero steps, norms within fp32 summation order.
         tel, tel_ref = infos[0]["telemetry"], ref[0]["telemetry"]

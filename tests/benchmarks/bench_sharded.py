@@ -2,9 +2,9 @@
 
     python tests/benchmarks/bench_sharded.py [--steps 40] [--rounds 3] [--engines ddp fsdp2 zero2 zero3]
 
-Each round launches every engine once (``tests/scripts/sharded_train.py``); a launch runs the same job three times,
-in an order that rotates from round to round: TRL's plain ``SFTTrainer``, ``MMSFTTrainer``, and ``MMSFTTrainer``
-without tower telemetry and audit. The job: the tiny Qwen2.5-VL of ``tests.kit``, text-only chat data, LoRA r=4 on
+One launch per engine (``tests/scripts/sharded_train.py``) runs ``--rounds`` rounds of three jobs, one after the
+other in the same two processes, in an order that rotates from round to round: TRL's plain ``SFTTrainer``,
+``MMSFTTrainer``, and ``MMSFTTrainer`` without tower telemetry and audit. The job: the tiny Qwen2.5-VL of ``tests.kit``, text-only chat data, LoRA r=4 on
 q/v/down_proj, 2 rows per process, a log every ``--logging-steps`` (10, TRL's default). Per round and job, the
 median step time over steps 4..N of rank 0; per engine, the median over the rounds of:
 
@@ -12,13 +12,14 @@ median step time over steps 4..N of rank 0; per engine, the median over the roun
 - ``MM / SFT``: MMSFTTrainer relative to SFTTrainer under the same engine (goal <= 1.10);
 - ``tel on/off``: MMSFTTrainer with / without telemetry and audit, and the median time of ``TowerTelemetry.collect``
   per optimizer step, waiting for the other rank included (under FSDP2 it all-reduces one number per adapter,
-  under DeepSpeed one non-zero flag per adapter; the captured gradients are reduced once per log);
+  under DeepSpeed none: flags and captured gradients are reduced once per log);
 - ``guard ms``: median time of the per-micro-batch modality check (``BatchModalityGuard.check``: one all-reduce of
   3 flags on several processes, so that a batch with an unseen modality stops every rank at the same step), waiting
   for the other rank included.
 
-with the lowest and highest round in brackets: consecutive launches on a shared 2-core machine differ by several
-percent, so a single round decides nothing. On a model this small the step is mostly communication and Python
+with the lowest and highest round in brackets: consecutive jobs on a shared 2-core machine differ by several
+percent, so a single round decides nothing; jobs of a round run back to back in the same processes, which keeps the
+machine's drift out of their ratio as far as it can be. On a model this small the step is mostly communication and Python
 overhead, so the ratios bound what the engines and mm-trainer add rather than measure a real model's compute.
 DeepSpeed on CPU needs ``DS_ACCELERATOR=cpu`` (set here) and builds its CPU op on first use (~3 minutes).
 """
@@ -45,6 +46,12 @@ def median_step(out: Path, case: str, skip: int = 3) -> float:
     return statistics.median(times[skip:])
 
 
+def rotated(cases: tuple[str, ...], k: int) -> tuple[str, ...]:
+    """``cases`` starting at position ``k``: who runs first changes from round to round."""
+    k %= len(cases)
+    return cases[k:] + cases[:k]
+
+
 def spread(values: list[float]) -> str:
     """``median [min-max]`` of per-round values."""
     return f"{statistics.median(values):.2f}x [{min(values):.2f}-{max(values):.2f}]"
@@ -53,21 +60,21 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=3, help="launches per engine, the cases' order rotated")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions of the 3 jobs, their order rotated")
     parser.add_argument("--engines", nargs="+", default=["ddp", "fsdp2", "zero2", "zero3"])
     parser.add_argument("--logging-steps", type=int, default=10, help="TRL's SFTConfig default")
     ns = parser.parse_args()
     rounds: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for k in range(ns.rounds):
-            for engine in ns.engines:
-                out = Path(tmp) / engine / f"round{k}"
-                cases = CASES[k % len(CASES) :] + CASES[: k % len(CASES)]  # who runs first rotates
-                extra = ("--logging-steps", str(ns.logging_steps))
-                launch_engine(engine, out, *cases, steps=ns.steps, extra=extra, timeout=3600)  # 3 jobs x --steps
-                info = json.loads((out / "text" / "rank0.json").read_text())
+        for engine in ns.engines:  # one launch per engine: the rounds interleave the jobs in the same processes
+            out = Path(tmp) / engine
+            cases = [f"{case}@{k}" for k in range(ns.rounds) for case in rotated(CASES, k)]
+            extra = ("--logging-steps", str(ns.logging_steps))
+            launch_engine(engine, out, *cases, steps=ns.steps, extra=extra, timeout=3600)
+            for k in range(ns.rounds):
+                info = json.loads((out / f"text@{k}" / "rank0.json").read_text())
                 rounds.setdefault(engine, []).append(
-                    {case: median_step(out, case) for case in CASES}
+                    {case: median_step(out, f"{case}@{k}") for case in CASES}
                     | {"collect": statistics.median(info["collect_times"][3:])}
                     | {"guard": statistics.median(info["guard_times"][3:]) if info["guard_times"] else 0.0}
                 )

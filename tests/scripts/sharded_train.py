@@ -10,7 +10,8 @@ DeepSpeed on CPU also needs ``DS_ACCELERATOR=cpu``; the script sets ``ddp_backen
 
 Cases: ``text`` (text-only rows), ``image`` (an image in every row), ``image-imod`` (``image`` with IMoD), each
 optionally suffixed ``-sft`` to run TRL's plain ``SFTTrainer`` on the same job instead, or ``-notel`` to run
-MMSFTTrainer without tower telemetry and audit (both for the benchmark).
+MMSFTTrainer without tower telemetry and audit (both for the benchmark), and with ``@k`` to repeat a job in the
+same launch (``text@1`` writes ``OUT/text@1``).
 Per case, every rank writes ``OUT/<case>/rank<r>.json``: the engine, losses, telemetry, dominance history and the
 train step times, so a test can check that the ranks agree; ``OUT/<case>/final`` holds the saved adapter and audit.
 """
@@ -62,9 +63,10 @@ def engine_name(trainer: Any) -> str:
 
 
 def run_case(out: Path, case: str, steps: int, logging_steps: int = 1) -> None:
-    plain_sft = case.endswith("-sft")
-    no_telemetry = case.endswith("-notel")
-    base_case = case.removesuffix("-sft").removesuffix("-notel")
+    job = case.partition("@")[0]  # `text@2`: the job `text` again, written to OUT/text@2 (benchmark repetitions)
+    plain_sft = job.endswith("-sft")
+    no_telemetry = job.endswith("-notel")
+    base_case = job.removesuffix("-sft").removesuffix("-notel")
     imod = base_case.endswith("-imod")
     data = base_case.removesuffix("-imod")
     if data == "text":

@@ -233,13 +233,10 @@ class TowerTelemetry:
             if self._view_step[index] not in (-1, self._generation):  # an earlier step's gradient: none this step
                 view.zero_()
                 self._view_step[index] = -1
-        norms = [torch.linalg.vector_norm(v, dtype=torch.float32) for v in self._captured]
-        local = _to_host(norms).double() ** 2
-        flags = torch.zeros(len(self.adapters), dtype=torch.float64)
-        flags.index_add_(0, torch.arange(len(self.adapters)).repeat_interleave(2), local)
+        local = _adapter_squares(self._captured)
         self._generation += 1
         self._last_step_kept = True
-        return (flags > 0).float()
+        return (local > 0).float()
 
     def synchronize(self) -> None:
         """Make every rank agree on what fired and count the steps collected since the last call (their non-zero
@@ -270,7 +267,7 @@ class TowerTelemetry:
             flat[-1] = float(self._last_step_kept)  # whether this rank still holds the step, summed over ranks
             self._last_step_kept = False  # reduced once
             parts.append(flat)
-        values = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        values = torch.cat(parts)
         if self._reduce_sum is not None:
             values = self._reduce_sum(values)
         counts = values[:gradient_at].cpu()
@@ -287,11 +284,7 @@ class TowerTelemetry:
         summed = values[gradient_at:]
         if float(summed[-1]) < self._world_size:
             return None
-        flat = summed[:-1] / self._world_size
-        norms = [torch.linalg.vector_norm(part, dtype=torch.float32) for part in torch.split(flat, self._sizes)]
-        per_param = _to_host(norms).double() ** 2
-        sq = torch.zeros(n, dtype=torch.float64)
-        return sq.index_add_(0, torch.arange(n).repeat_interleave(2), per_param)
+        return _adapter_squares(torch.split(summed[:-1] / self._world_size, self._sizes))
 
     def flush(self, step: int) -> dict[str, float]:
         """The metrics of the logging window that ends at ``step``, recorded in history.
@@ -300,9 +293,9 @@ class TowerTelemetry:
         Trainer's own ``grad_norm``, so the two line up (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`);
         ``active_adapters/<tower>`` is the mean share over the window's steps.
         """
-        # One collective on every rank (Trainer.log runs on each): what fired, the window's non-zero flags and, with
-        # captured gradients (DeepSpeed), the norms of the window's last step.
-        # Whether to send the gradient is decided from what every rank has alike (a step was collected since bind).
+        # One collective on every rank (Trainer.log runs on each): what fired, the window's steps and, with captured
+        # gradients (DeepSpeed), the last step's gradient for its norms. Whether to send the gradient is decided from
+        # what every rank has alike (a step was collected since bind).
         sq = self._reduce_together(with_gradient=self._captured is not None and self._generation > 0)
         if sq is not None:
             for t, norm in enumerate(self._tower_norms(sq)):
@@ -335,6 +328,13 @@ class TowerTelemetry:
                 self.nonzero_steps[name] = int(count)
         self.fired |= set(state.get("fired", [])) & set(self.nonzero_steps)
         self.steps_collected = int(state.get("steps_collected", 0))
+
+
+def _adapter_squares(weights: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Squared norm per adapter (fp64 on the host) from its weights' gradients listed ``A, B, A, B, ...``."""
+    norms = [torch.linalg.vector_norm(w, dtype=torch.float32) for w in weights]
+    per_weight = _to_host(norms).double() ** 2
+    return per_weight.view(-1, 2).sum(1)
 
 
 def _replica_weight(grad: torch.Tensor, world_size: int) -> float:

@@ -488,7 +488,7 @@ class MMSFTTrainer(SFTTrainer):
 
     def _sync_fired(self) -> None:
         """Make every rank agree on which adapters fired (a rank may never have seen an image batch) and count the
-        telemetry's steps not yet counted (captured gradients): a collective under several processes."""
+        telemetry's steps not yet counted (FSDP2, DeepSpeed): a collective under several processes."""
         if self.telemetry is not None:
             self.telemetry.synchronize()
 

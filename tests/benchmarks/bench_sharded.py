@@ -4,23 +4,24 @@
 
 One launch per engine (``tests/scripts/sharded_train.py``) runs ``--rounds`` rounds of three jobs, one after the
 other in the same two processes, in an order that rotates from round to round: TRL's plain ``SFTTrainer``,
-``MMSFTTrainer``, and ``MMSFTTrainer`` without tower telemetry and audit. The job: the tiny Qwen2.5-VL of ``tests.kit``, text-only chat data, LoRA r=4 on
-q/v/down_proj, 2 rows per process, a log every ``--logging-steps`` (10, TRL's default). Per round and job, the
-median step time over steps 4..N of rank 0; per engine, the median over the rounds of:
+``MMSFTTrainer``, and ``MMSFTTrainer`` without tower telemetry and audit. The job: the tiny Qwen2.5-VL of
+``tests.kit``, text-only chat data, LoRA r=4 on q/v/down_proj, 2 rows per process, a log every ``--logging-steps``
+(10, TRL's default). Per round and job, the median step time over steps 4..N of rank 0; per engine, the median over
+the rounds of:
 
 - ``engine / DDP``: MMSFTTrainer's step relative to MMSFTTrainer under DDP (the same job);
 - ``MM / SFT``: MMSFTTrainer relative to SFTTrainer under the same engine (goal <= 1.10);
 - ``tel on/off``: MMSFTTrainer with / without telemetry and audit, and the median time of ``TowerTelemetry.collect``
-  per optimizer step, waiting for the other rank included (under FSDP2 it all-reduces one number per adapter,
-  under DeepSpeed none: flags and captured gradients are reduced once per log);
+  per optimizer step (no collective under any engine: what FSDP2's shards and DeepSpeed's captured gradients need
+  from the other ranks is all-reduced once per log);
 - ``guard ms``: median time of the per-micro-batch modality check (``BatchModalityGuard.check``: one all-reduce of
   3 flags on several processes, so that a batch with an unseen modality stops every rank at the same step), waiting
   for the other rank included.
 
 with the lowest and highest round in brackets: consecutive jobs on a shared 2-core machine differ by several
 percent, so a single round decides nothing; jobs of a round run back to back in the same processes, which keeps the
-machine's drift out of their ratio as far as it can be. On a model this small the step is mostly communication and Python
-overhead, so the ratios bound what the engines and mm-trainer add rather than measure a real model's compute.
+machine's drift out of their ratio as far as it can be. On a model this small the step is mostly communication and
+Python overhead, so the ratios bound what the engines and mm-trainer add rather than measure a real model's compute.
 DeepSpeed on CPU needs ``DS_ACCELERATOR=cpu`` (set here) and builds its CPU op on first use (~3 minutes).
 """
 

@@ -6,6 +6,13 @@ a released tower (a crash deep inside the forward) or leave ranks out of step (a
 batch's placeholder tokens and media features before the forward and raises a clear error naming the modality, the
 batch rows, and the fix. Under several processes every rank learns (one all-reduce of three flags per micro-batch)
 whether any rank's batch failed, and all of them raise together instead of one rank raising and the others waiting.
+
+Under engines whose forward runs no collective (DeepSpeed ZeRO-0/1/2) that all-reduce need not block before the forward:
+``check(..., defer=True)`` starts it and :meth:`BatchModalityGuard.resolve` (called by the trainer from a hook at the
+end of the model's forward) reads it, so it completes while the forward runs. A rank whose own batch holds the
+modality still raises before its forward; the others raise at the end of theirs, before the loss's first collective.
+DDP (which broadcasts buffers as its forward starts), FSDP and ZeRO-3 (which gather parameters in it) keep the check
+blocking before the forward.
 """
 
 from __future__ import annotations
@@ -35,26 +42,59 @@ class BatchModalityGuard:
         self.profile = profile
         self.placeholders = placeholder_ids(config) if config is not None else {}
         self.released = list(released or [])
+        # A deferred check's all-reduce in flight: (its work handle, the flags it reduces, the step).
+        self._pending: tuple[Any, torch.Tensor, int] | None = None
 
     def unseen(self, batch: Mapping[str, Any]) -> dict[str, list[int] | None]:
         """Modalities of ``batch`` outside the profile, with their batch rows where known."""
         found = batch_modality_rows(batch, self.placeholders)
         return {m: rows for m, rows in found.items() if m not in self.profile.modalities}
 
-    def check(self, batch: Mapping[str, Any], step: int, accelerator: Any = None) -> None:
+    def check(self, batch: Mapping[str, Any], step: int, accelerator: Any = None, defer: bool = False) -> None:
         """Raise :class:`UnseenModalityError` when ``batch`` (or, under several processes, any rank's batch) holds
-        an unseen modality. Every rank must call it for every micro-batch (it holds a collective then)."""
+        an unseen modality. Every rank must call it for every micro-batch (it holds a collective then).
+
+        Args:
+            batch: The micro-batch, as the model will receive it.
+            step: The optimizer step it belongs to (named in the error).
+            accelerator: The trainer's accelerator; under several processes the ranks' findings are added up.
+            defer: Start the all-reduce and return: another rank's finding is raised by :meth:`resolve`. Only where no
+                collective runs between this call and ``resolve`` (the forward of DeepSpeed ZeRO-0/1/2).
+        """
+        self._pending = None  # a check whose micro-batch never reached its forward (an aborted step): nothing to read
         unseen = self.unseen(batch)
-        elsewhere: list[str] = []
-        if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-            flags = torch.tensor(
-                [float(m in unseen) for m in NON_TEXT_MODALITIES], dtype=torch.float32, device=accelerator.device
-            )
-            flags = accelerator.reduce(flags, reduction="sum")
-            elsewhere = [m for m, f in zip(NON_TEXT_MODALITIES, flags.tolist()) if f > 0 and m not in unseen]
-        if not unseen and not elsewhere:
+        if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
+            if unseen:
+                raise UnseenModalityError(self._message(unseen, [], step))
             return
-        raise UnseenModalityError(self._message(unseen, elsewhere, step))
+        flags = torch.tensor(
+            [float(m in unseen) for m in NON_TEXT_MODALITIES], dtype=torch.float32, device=accelerator.device
+        )
+        if defer and not unseen:
+            work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM, async_op=True)
+            self._pending = (work, flags, step)
+            return
+        self._raise_if_any(unseen, accelerator.reduce(flags, reduction="sum"), step)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a deferred check's all-reduce is still to be read by :meth:`resolve`."""
+        return self._pending is not None
+
+    def resolve(self) -> None:
+        """Read the all-reduce a deferred :meth:`check` started, and raise if another rank's batch held an unseen
+        modality (no-op when none is in flight)."""
+        if self._pending is None:
+            return
+        work, flags, step = self._pending
+        self._pending = None
+        work.wait()
+        self._raise_if_any({}, flags, step)
+
+    def _raise_if_any(self, unseen: dict[str, list[int] | None], flags: torch.Tensor, step: int) -> None:
+        elsewhere = [m for m, f in zip(NON_TEXT_MODALITIES, flags.tolist()) if f > 0 and m not in unseen]
+        if unseen or elsewhere:
+            raise UnseenModalityError(self._message(unseen, elsewhere, step))
 
     def _message(self, unseen: dict[str, list[int] | None], elsewhere: list[str], step: int) -> str:
         seen = sorted(self.profile.modalities)

@@ -38,6 +38,12 @@ class Engine:
         every rank must run the same modules on every micro-batch, or the gathers stop matching."""
         return self.fsdp_version is not None or self.zero_stage == 3
 
+    @property
+    def forward_without_collectives(self) -> bool:
+        """True when the model's forward runs no collective (DeepSpeed ZeRO-0/1/2): one started just before it can
+        complete while it runs. DDP broadcasts buffers as its forward starts; FSDP and ZeRO-3 gather parameters."""
+        return self.zero_stage is not None and self.zero_stage < 3
+
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")

@@ -197,6 +197,7 @@ class MMSFTTrainer(SFTTrainer):
         if self.target_plan is not None:
             released = [r.path for r in self.released_towers]
             self.batch_guard = BatchModalityGuard(self.modality_profile, getattr(model, "config", None), released)
+        self._guard_hook: Any = None  # the forward hook that reads a deferred guard check (see _bind_batch_guard)
         # Sharded engines (FSDP, ZeRO-3): media towers run on every micro-batch, on a zero-contribution dummy input
         # where the micro-batch holds no such media, so that every rank's collectives match (None elsewhere).
         self.dummy_media: DummyMedia | None = DummyMedia.for_trainer(self)
@@ -435,16 +436,28 @@ class MMSFTTrainer(SFTTrainer):
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         if self.batch_guard is not None:  # an unseen modality fails here, on every rank, not deep in the forward
-            self.batch_guard.check(inputs, self.state.global_step + 1, self.accelerator)
+            self.batch_guard.check(
+                inputs, self.state.global_step + 1, self.accelerator, defer=self._guard_hook is not None
+            )
         if self.modality_balance is not None and self.model.training:
             # Arms IMoD's gradient injection and the dominance-rate hooks for this micro-batch (disarmed after the
             # backward, in training_step). The loss itself is not changed.
             self.modality_balance.begin_micro_step(self, inputs)
         if self.dummy_media is not None:
             self.dummy_media.begin_micro_step(inputs)  # arms a dummy for each media tower this micro-batch lacks
-        return super().compute_loss(
+        result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+        if self.batch_guard is not None and self.batch_guard.pending:
+            # The forward did not go through the hooked model: read the check here and block from now on.
+            logger.warning(
+                "mm-trainer: the model's forward did not run its batch-check hook; the per-batch modality check now "
+                "completes before each forward."
+            )
+            self._guard_hook.remove()
+            self._guard_hook = None
+            self.batch_guard.resolve()
+        return result
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         try:
@@ -563,6 +576,7 @@ class MMSFTTrainer(SFTTrainer):
         ``accelerator.prepare`` may replace parameters (FSDP2 swaps every one for a sharded ``DTensor``); the init
         record and every counter are keyed by module name, so they carry over.
         """
+        self._bind_batch_guard()
         if not self.adapters:
             return
         adapters = lora_adapters(self.model, self.tower_map)
@@ -593,6 +607,21 @@ class MMSFTTrainer(SFTTrainer):
             )
         if self.modality_balance is not None:
             self.modality_balance.bind(adapters)
+
+    def _bind_batch_guard(self) -> None:
+        """Under engines whose forward runs no collective (DeepSpeed ZeRO-0/1/2) the batch guard's all-reduce runs
+        during the forward and is read by a hook at its end, instead of blocking before it; elsewhere it blocks."""
+        if self._guard_hook is not None:
+            self._guard_hook.remove()
+            self._guard_hook = None
+        if (
+            self.batch_guard is None
+            or self.accelerator.num_processes == 1
+            or not detect_engine(self.args).forward_without_collectives
+        ):
+            return
+        guard = self.batch_guard
+        self._guard_hook = self.model.register_forward_hook(lambda *_: guard.resolve())
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)

@@ -50,6 +50,10 @@ def test_guard_names_modality_rows_and_fix():
     message = str(info.value)
     assert "data_modalities=['image', 'text']" in message
     assert "free_unreached_towers=False" in message and "model.visual" in message
+    # One process: `defer` has no all-reduce to start, the batch's own modality raises at once.
+    with pytest.raises(UnseenModalityError, match="Step 8"):
+        guard.check({"input_ids": torch.tensor([[image_id]])}, step=8, defer=True)
+    assert not guard.pending
     # A declared profile that holds the modality lets the batch through.
     BatchModalityGuard(ModalityProfile.declare(["image"]), config).check({"input_ids": torch.tensor([[image_id]])}, 1)
 
@@ -91,3 +95,8 @@ def test_every_rank_raises_when_one_rank_sees_the_modality(tmp_path):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["raised"].startswith("Step 2: the batch holds image (batch row(s) [1])")
     assert results[1]["raised"].startswith("Step 2: the batch holds image (in another process's batch)")
+    assert results[0]["deferred_raised"].startswith("Step 4: the batch holds image (batch row(s) [1])")
+    assert results[1]["deferred_raised"].startswith("Step 4: the batch holds image (in another process's batch)")
+    assert [r["pending_after_clean_check"] for r in results] == [True, True]
+    assert "pending_after_check" not in results[0] and results[1]["pending_after_check"] is True
+    assert [r["pending_at_end"] for r in results] == [False, False]

@@ -103,7 +103,7 @@ def logits_with_adapter(adapter_dir: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    launch_engine("ddp", out, *CASES)
+    launch_engine("ddp", out, *CASES, "unseen")
     return out
 
 
@@ -149,6 +149,20 @@ def check_against_ddp(engine: str, out: Path, ddp: Path, cases: tuple[str, ...] 
         )
 
 
+def check_unseen_stops_every_rank(out: Path, deferred: bool) -> None:
+    """Only rank 1's batches hold the image the plan did not see: both ranks stop at the same step, rank 1 naming its
+    rows, rank 0 the other process. ``deferred``: the check's all-reduce ran during the forward (ZeRO-0/1/2)."""
+    infos = rank_infos(out, "unseen")
+    assert [i["text_only_plan"] for i in infos] == [True, True]
+    assert [i["deferred_check"] for i in infos] == [deferred, deferred]
+    raised = [i["raised"] for i in infos]
+    assert all(raised), raised
+    steps = [message.partition(":")[0] for message in raised]
+    assert steps[0] == steps[1] and steps[0].startswith("Step "), raised
+    assert "the batch holds image (in another process's batch)" in raised[0]
+    assert "the batch holds image (batch row(s) [" in raised[1]
+
+
 @pytest.mark.slow
 def test_ddp_audit_passes(ddp_runs):
     for case in CASES:
@@ -156,6 +170,7 @@ def test_ddp_audit_passes(ddp_runs):
         assert [i["engine"] for i in infos] == ["ddp", "ddp"]
         assert infos[0]["telemetry"] == infos[1]["telemetry"]
         assert json.loads((ddp_runs / case / "final" / "audit.json").read_text())["verdict"] == "pass"
+    check_unseen_stops_every_rank(ddp_runs, deferred=False)  # DDP's forward broadcasts buffers: the check blocks
 
 
 @pytest.mark.slow
@@ -163,5 +178,6 @@ def test_ddp_audit_passes(ddp_runs):
     "engine", ["fsdp2", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
 )
 def test_sharded_engine_equals_ddp(engine, ddp_runs, tmp_path):
-    launch_engine(engine, tmp_path, *CASES)
+    launch_engine(engine, tmp_path, *CASES, "unseen")
     check_against_ddp(engine, tmp_path, ddp_runs)
+    check_unseen_stops_every_rank(tmp_path, deferred=engine == "zero2")

@@ -1,4 +1,5 @@
-"""Two ranks, only rank 0's batch holds an image the plan did not see: both ranks must raise (none waits)."""
+"""Two ranks, only rank 0's batch holds an image the plan did not see: both ranks must raise (none waits), with the
+check blocking and deferred (all-reduce started by ``check``, read by ``resolve``, as under DeepSpeed ZeRO-0/1/2)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,21 @@ text_token = min(set(range(100)) - {config.image_token_id, config.video_token_id
 ids = torch.full((2, 4), text_token)
 if accelerator.process_index == 0:
     ids[1, 2] = config.image_token_id
-result = {"rank": accelerator.process_index, "raised": None}
+result = {"rank": accelerator.process_index, "raised": None, "deferred_raised": None}
 guard.check({"input_ids": torch.full((2, 4), text_token)}, step=1, accelerator=accelerator)  # nobody: no error
 try:
     guard.check({"input_ids": ids}, step=2, accelerator=accelerator)
 except UnseenModalityError as err:
     result["raised"] = str(err)
+# Deferred: the rank whose batch holds the image raises in `check`; the other one learns it in `resolve`.
+guard.check({"input_ids": torch.full((2, 4), text_token)}, step=3, accelerator=accelerator, defer=True)
+result["pending_after_clean_check"] = guard.pending
+guard.resolve()  # nobody: no error
+try:
+    guard.check({"input_ids": ids}, step=4, accelerator=accelerator, defer=True)
+    result["pending_after_check"] = guard.pending
+    guard.resolve()
+except UnseenModalityError as err:
+    result["deferred_raised"] = str(err)
+result["pending_at_end"] = guard.pending
 (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))

@@ -12,6 +12,8 @@ Cases: ``text`` (text-only rows), ``image`` (an image in every row), ``image-imo
 optionally suffixed ``-sft`` to run TRL's plain ``SFTTrainer`` on the same job instead, or ``-notel`` to run
 MMSFTTrainer without tower telemetry and audit (both for the benchmark), and with ``@k`` to repeat a job in the
 same launch (``text@1`` writes ``OUT/text@1``).
+The case ``unseen`` trains on image rows that the modality profile did not sample, on rank 1 only: every rank must
+stop with ``UnseenModalityError`` at the same step (it writes ``OUT/unseen/rank<r>.json`` with the error).
 Per case, every rank writes ``OUT/<case>/rank<r>.json``: the engine, losses, telemetry, dominance history and the
 train step times, so a test can check that the ranks agree; ``OUT/<case>/final`` holds the saved adapter and audit.
 """
@@ -30,7 +32,16 @@ from transformers import TrainerCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from tests.kit import image_text_dataset, make_processor, make_tokenizer, text_dataset, tiny_model, training_args
+from mm_trainer.batch_guard import UnseenModalityError
+from tests.kit import (
+    image_text_dataset,
+    make_processor,
+    make_tokenizer,
+    mixed_dataset,
+    text_dataset,
+    tiny_model,
+    training_args,
+)
 
 FAMILY = "qwen2_5_vl"
 CASES = ("text", "image", "image-imod")
@@ -62,7 +73,41 @@ def engine_name(trainer: Any) -> str:
     return "ddp" if trainer.accelerator.num_processes > 1 else "single"
 
 
+def run_unseen(out: Path, steps: int) -> None:
+    """Rank 1's rows hold an image from row 1 on, every second row, rank 0's none; the profile reads row 0 only
+    (text), so the run is planned text-only. Each rank records the error it stopped with."""
+    rank = int(os.environ.get("RANK", "0"))
+    unset_hf_deepspeed_config()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    settings: dict[str, Any] = {
+        "max_steps": steps,
+        "seed": 3,
+        "max_length": None,
+        "per_device_train_batch_size": 2,
+        "modality_sample_rows": 1,
+        **({"ddp_backend": "gloo"} if deepspeed else {}),
+    }
+    trainer = MMSFTTrainer(
+        model=tiny_model(FAMILY),
+        args=training_args(out / "unseen" / "run", MMSFTConfig, **settings),
+        train_dataset=mixed_dataset(16, family=FAMILY, image_every=2 if rank == 1 else 10**6),
+        processing_class=make_processor(FAMILY),
+        peft_config=LoraConfig(r=4, target_modules=LORA_TARGETS),
+    )
+    info: dict[str, Any] = {"text_only_plan": trainer.modality_profile.text_only, "raised": None}
+    try:
+        trainer.train()
+    except UnseenModalityError as err:
+        info["raised"] = str(err)
+    info["deferred_check"] = trainer._guard_hook is not None
+    (out / "unseen").mkdir(parents=True, exist_ok=True)
+    (out / "unseen" / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
+
+
 def run_case(out: Path, case: str, steps: int, logging_steps: int = 1) -> None:
+    if case == "unseen":
+        run_unseen(out, steps)
+        return
     job = case.partition("@")[0]  # `text@2`: the job `text` again, written to OUT/text@2 (benchmark repetitions)
     plain_sft = job.endswith("-sft")
     no_telemetry = job.endswith("-notel")

@@ -73,3 +73,14 @@ def report(trainer: Any, result: dict[str, Any]) -> dict[str, Any]:
         print(line)
         print(f"adapter: {out}\naudit:   {out / 'AUDIT.md'}\nplots:   {', '.join(result['plots']) or '(none)'}")
     return result
+
+
+def end(trainer: Any) -> None:
+    """End the run as torch asks of every launched process: destroy the process group (accelerate's
+    ``end_training``), after everything that communicates (training, saving, the evaluation's generation).
+
+    A gloo rank that exits with its group alive leaves the group's worker threads to the interpreter's teardown, which
+    can abort the process ("terminate called without an active exception") after a run that succeeded. One process:
+    nothing to destroy.
+    """
+    trainer.accelerator.end_training()

@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["exact_match_after"] = after["exact_match"]
         result["answers_after"] = {"predictions": after["predictions"], "references": after["references"]}
         result["example"] = {"question": eval_rows[0]["messages"][0]["content"], "answer": after["generations"][0]}
-    return common.report(trainer, result)
+    common.report(trainer, result)
+    common.end(trainer)
+    return result
 
 
 if __name__ == "__main__":

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if scorable:
         result["exact_match_after"] = score()
-    return common.report(trainer, result)
+    common.report(trainer, result)
+    common.end(trainer)
+    return result
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .models import (  # noqa: E402
 )
 from .processors import PROCESSOR_FAMILIES, make_processor  # noqa: E402
 from .tokenizer import AUDIO_FAMILIES, FAMILIES, VLM_FAMILIES, make_tokenizer  # noqa: E402
-from .training import FAST_CPU_TRAINING, training_args  # noqa: E402
+from .training import FAST_CPU_TRAINING, end_process_group, training_args  # noqa: E402
 
 _PLACEHOLDER_ATTRS: dict[str, tuple[str, ...]] = {
     "image": ("image_token_id", "image_token_index"),
@@ -88,6 +88,7 @@ __all__ = [
     "as_iterable",
     "audio_text_dataset",
     "auto_model_class",
+    "end_process_group",
     "image_text_dataset",
     "make_image",
     "make_processor",

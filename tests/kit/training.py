@@ -25,3 +25,16 @@ def training_args(output_dir: str | Path, config_cls: type | None = None, **over
     if config_cls is None:
         from mm_trainer import MMSFTConfig as config_cls
     return config_cls(output_dir=str(output_dir), **{**FAST_CPU_TRAINING, **overrides})
+
+
+def end_process_group() -> None:
+    """End a launched rank as torch asks: destroy the default process group (and every other) before exit.
+
+    Every script under ``tests/scripts`` calls this last. A gloo rank that exits with its group alive leaves the
+    group's worker threads to the interpreter's teardown, which can abort the process ("terminate called without an
+    active exception") after a run that otherwise succeeded. No-op when no group exists (one process).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -12,7 +12,7 @@ from pathlib import Path
 from peft import LoraConfig
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from tests.kit import make_processor, mixed_dataset, tiny_model, training_args
+from tests.kit import end_process_group, make_processor, mixed_dataset, tiny_model, training_args
 
 
 def main(output_dir: str) -> None:
@@ -42,3 +42,4 @@ def main(output_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()

@@ -16,7 +16,15 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from tests.kit import make_processor, make_tokenizer, mixed_dataset, text_dataset, tiny_model, training_args
+from tests.kit import (
+    end_process_group,
+    make_processor,
+    make_tokenizer,
+    mixed_dataset,
+    text_dataset,
+    tiny_model,
+    training_args,
+)
 
 
 def main(out: Path, data: str = "text") -> None:
@@ -49,3 +57,4 @@ def main(out: Path, data: str = "text") -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), *(sys.argv[2:3] or []))
+    end_process_group()

@@ -41,7 +41,7 @@ from transformers import Trainer  # noqa: E402
 import mm_trainer.atomic as atomic  # noqa: E402
 import mm_trainer.trainer as trainer_module  # noqa: E402
 from mm_trainer import MMSFTTrainer  # noqa: E402
-from tests.kit import make_tokenizer, text_dataset, tiny_model, training_args  # noqa: E402
+from tests.kit import end_process_group, make_tokenizer, text_dataset, tiny_model, training_args  # noqa: E402
 
 MAX_STEPS = 6
 SAVE_STEPS = 2
@@ -206,3 +206,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from transformers import TrainerCallback
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from tests.kit import make_processor, mixed_dataset, tiny_model, training_args
+from tests.kit import end_process_group, make_processor, mixed_dataset, tiny_model, training_args
 
 FAMILY = "qwen2_5_vl"
 
@@ -88,3 +88,4 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     cli.out.mkdir(parents=True, exist_ok=True)
     run(cli.out, cli.batch_size)
+    end_process_group()

@@ -24,7 +24,15 @@ from safetensors.torch import save_file
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
 from mm_trainer.evaluation import generate_answers
-from tests.kit import make_processor, make_tokenizer, mixed_dataset, text_dataset, tiny_model, training_args
+from tests.kit import (
+    end_process_group,
+    make_processor,
+    make_tokenizer,
+    mixed_dataset,
+    text_dataset,
+    tiny_model,
+    training_args,
+)
 from tests.scripts.sharded_train import StepTimes, engine_name
 
 FAMILY = "qwen2_5_vl"
@@ -136,3 +144,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -34,6 +34,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from mm_trainer import MMSFTConfig, MMSFTTrainer
 from mm_trainer.batch_guard import UnseenModalityError
 from tests.kit import (
+    end_process_group,
     image_text_dataset,
     make_processor,
     make_tokenizer,
@@ -213,3 +214,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -25,8 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_QUIET_LIBRARIES = ("bitsandbytes", "kernels")
+"""Libraries whose import-time notices are not the command's output: bitsandbytes (imported by PEFT) tries to fetch
+an optional CPU kernel from the Hub when the CPU has AVX512-BF16, and it and ``kernels`` log two warnings about it
+when the Hub is offline. A command's stderr carries only its own message (one line for unusable input)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mm-trainer`` and return its exit code."""
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -14,16 +14,16 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "AuditFailedError": "audit",
     "audit_adapter_dir": "audit",
-    "MMSFTConfig": "config",
-    "MMSFTTrainer": "trainer",
-    "ModalityProfile": "modality",
-    "profile_dataset": "modality",
-    "token_modality": "modality",
-    "TargetPlan": "targets",
-    "resolve_targets": "targets",
-    "TOWERS": "towers",
-    "TowerMap": "towers",
-    "map_towers": "towers",
+    "MMSFTConfig": "training.config",
+    "MMSFTTrainer": "training.sft",
+    "ModalityProfile": "model.modality",
+    "profile_dataset": "model.modality",
+    "token_modality": "model.modality",
+    "TargetPlan": "model.targets",
+    "resolve_targets": "model.targets",
+    "TOWERS": "model.towers",
+    "TowerMap": "model.towers",
+    "map_towers": "model.towers",
 }
 
 __all__ = [
@@ -43,11 +43,11 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditFailedError, audit_adapter_dir
-    from .config import MMSFTConfig
-    from .modality import ModalityProfile, profile_dataset, token_modality
-    from .targets import TargetPlan, resolve_targets
-    from .towers import TOWERS, TowerMap, map_towers
-    from .trainer import MMSFTTrainer
+    from .model.modality import ModalityProfile, profile_dataset, token_modality
+    from .model.targets import TargetPlan, resolve_targets
+    from .model.towers import TOWERS, TowerMap, map_towers
+    from .training.config import MMSFTConfig
+    from .training.sft import MMSFTTrainer
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,7 @@ import common  # noqa: E402
 import embedded  # noqa: E402
 
 from mm_trainer import MMSFTTrainer  # noqa: E402
-from mm_trainer.evaluation import exact_match_accuracy  # noqa: E402
+from mm_trainer.training.evaluation import exact_match_accuracy  # noqa: E402
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mm_trainer.imod.masks import NON_TEXT_ZONE, SHARED_ZONE, TEXT_ZONE
-from mm_trainer.modality import PAD, TEXT
+from mm_trainer.model.modality import PAD, TEXT
 
 
 def float_masks(zone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

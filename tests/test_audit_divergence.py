@@ -75,7 +75,7 @@ def test_tower_and_trainer_gradient_norms_share_one_aggregation(tmp_path):
         assert h["grad_norm/language"] == pytest.approx(h["grad_norm"], rel=1e-5)
     audit = trainer.auditor.report()
     assert audit["dynamics"]["aggregation"]["grad_norm"] == "value at the logged optimizer step, before clipping"
-    from mm_trainer.compare import draw, load_runs
+    from mm_trainer.audit.compare import draw, load_runs
 
     trainer.save_model()
     fig = draw(load_runs([tmp_path]), tmp_path / "cmp.png")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from mm_trainer.adapters import lora_adapters
 from mm_trainer.audit.record import InitRecord
-from mm_trainer.towers import map_towers
+from mm_trainer.model.adapters import lora_adapters
+from mm_trainer.model.towers import map_towers
 from tests.kit import tiny_model
 
 

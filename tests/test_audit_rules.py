@@ -16,7 +16,7 @@ from mm_trainer.audit.record import InitRecord, fingerprint
 from mm_trainer.audit.report import jsonable, run_sections
 from mm_trainer.audit.status import ModuleAudit, classify
 from mm_trainer.audit.verdict import FAIL_DEAD_SHARE, decide
-from mm_trainer.towers import map_towers, tower_from_name
+from mm_trainer.model.towers import map_towers, tower_from_name
 from tests.kit import FAMILIES, tiny_model
 
 
@@ -46,7 +46,7 @@ def test_fingerprint_zero_and_non_finite():
 
 
 def test_init_record_round_trip_and_lost():
-    from mm_trainer.adapters import LoraAdapter
+    from mm_trainer.model.adapters import LoraAdapter
 
     a, b = torch.nn.Parameter(torch.randn(4, 16)), torch.nn.Parameter(torch.zeros(8, 4))
     adapter = LoraAdapter("m.q_proj", "language", torch.nn.Identity(), a, b)
@@ -251,8 +251,8 @@ def test_card_section_is_replaced_not_duplicated(tmp_path):
 def test_fired_counts_training_forwards_only():
     from peft import LoraConfig, get_peft_model
 
-    from mm_trainer.adapters import lora_adapters
-    from mm_trainer.telemetry import TowerTelemetry
+    from mm_trainer.core.telemetry import TowerTelemetry
+    from mm_trainer.model.adapters import lora_adapters
 
     model = get_peft_model(tiny_model("causal_lm"), LoraConfig(r=4, target_modules=["q_proj"]))
     telemetry = TowerTelemetry(lora_adapters(model))

@@ -22,7 +22,7 @@ from mm_trainer import MMSFTConfig, MMSFTTrainer
 from mm_trainer.audit import AUDIT_ERROR, AuditFailedError
 from mm_trainer.audit.card import CARD_BEGIN, CARD_END
 from mm_trainer.cli.main import main
-from mm_trainer.towers import map_towers
+from mm_trainer.model.towers import map_towers
 from tests.kit import (
     NO_GRADIENT_BY_DESIGN,
     image_text_dataset,

@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.batch_guard import BatchModalityGuard, UnseenModalityError
-from mm_trainer.modality import ModalityProfile, batch_modality_rows
+from mm_trainer.core.batch_guard import BatchModalityGuard, UnseenModalityError
+from mm_trainer.model.modality import ModalityProfile, batch_modality_rows
 from tests.kit import (
     make_processor,
     make_tokenizer,

@@ -73,7 +73,7 @@ def test_meta_model_is_the_class_the_trainer_loads(tmp_path, family):
     from transformers import AutoConfig
     from trl.trainer.utils import create_model_from_path
 
-    from mm_trainer.model_class import meta_model
+    from mm_trainer.model.model_class import meta_model
     from tests.kit import save_tiny
 
     path = save_tiny(family, tmp_path / family)
@@ -85,7 +85,7 @@ def test_meta_model_is_the_class_the_trainer_loads(tmp_path, family):
 
 
 def test_meta_model_without_architectures_uses_the_auto_mappings():
-    from mm_trainer.model_class import model_class_for
+    from mm_trainer.model.model_class import model_class_for
 
     config = tiny_config("qwen2_5_vl")
     config.architectures = None

@@ -10,8 +10,8 @@ import pytest
 from peft import LoraConfig
 
 from mm_trainer import MMSFTTrainer
+from mm_trainer.audit.compare import RunDirError, compare, draw, load_runs
 from mm_trainer.cli.main import main
-from mm_trainer.compare import RunDirError, compare, draw, load_runs
 from tests.kit import make_tokenizer, text_dataset, tiny_model, training_args
 
 

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.dummy_media import DummyMedia, DummyMediaError
+from mm_trainer.distributed.dummy_media import DummyMedia, DummyMediaError
 from tests.kit import make_processor, mixed_dataset, tiny_model, training_args
 
 FAMILY = "qwen2_5_vl"

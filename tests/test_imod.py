@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from transformers import TrainerCallback
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.modality import token_modality
+from mm_trainer.model.modality import token_modality
 from tests.imod_reference import causal_lm_loss, reference_constraints
 from tests.kit import image_text_dataset, make_processor, mixed_dataset, text_dataset, tiny_model, training_args
 

@@ -9,7 +9,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from mm_trainer.adapters import lora_adapters
 from mm_trainer.imod import (
     DominanceTracker,
     IMoDInjector,
@@ -22,7 +21,8 @@ from mm_trainer.imod import (
 from mm_trainer.imod.constraints import constraint_gradient, zone_masks
 from mm_trainer.imod.inject import ZonedLoraA
 from mm_trainer.imod.masks import NON_TEXT_ZONE, SHARED_ZONE, TEXT_ZONE, layer_stacks, zone_counts
-from mm_trainer.modality import IMAGE, PAD, TEXT
+from mm_trainer.model.adapters import lora_adapters
+from mm_trainer.model.modality import IMAGE, PAD, TEXT
 from tests.imod_reference import reference_constraints
 
 D_IN, D_OUT, RANK = 12, 10, 4

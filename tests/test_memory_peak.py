@@ -18,10 +18,10 @@ from transformers import AutoConfig
 from trl.trainer.utils import create_model_from_path
 
 from mm_trainer import MMSFTTrainer
-from mm_trainer.model_class import meta_model
-from mm_trainer.plan_report import PEAK_DTYPES
+from mm_trainer.model.loading import device_map_without, load_without, plan_unloaded, single_device
+from mm_trainer.model.model_class import meta_model
+from mm_trainer.model.plan_report import PEAK_DTYPES
 from mm_trainer.quant import bitsandbytes_available
-from mm_trainer.tower_loading import device_map_without, load_without, plan_unloaded, single_device
 from tests.kit import auto_model_class, image_text_dataset, make_processor, save_tiny, text_dataset, training_args
 
 FAMILY = "qwen2_5_vl"
@@ -190,10 +190,10 @@ def test_image_data_loads_the_tower(tiny_path, tmp_path):
 
 
 def test_an_instance_says_once_how_to_avoid_the_peak(tiny_path, tmp_path, caplog):
-    import mm_trainer.trainer as trainer_module
+    import mm_trainer.training.sft as trainer_module
 
     trainer_module._PEAK_WARNED = False
-    with caplog.at_level(logging.WARNING, logger="mm_trainer.trainer"):
+    with caplog.at_level(logging.WARNING, logger="mm_trainer.training.sft"):
         for i in range(2):
             _trainer(auto_model_class(FAMILY).from_pretrained(tiny_path), tmp_path / str(i))
         _trainer(tiny_path, tmp_path / "path")

@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from mm_trainer.modality import (
+from mm_trainer.model.modality import (
     AUDIO,
     IMAGE,
     PAD,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mm_trainer.private_api import PRIVATE_APIS
+from mm_trainer.upstream import PRIVATE_APIS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mm_trainer"
 

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
+from mm_trainer.model.towers import map_towers
 from mm_trainer.quant import (
     LOFTQ_OFFSETS_FILE,
     QUANT_FILE,
@@ -22,7 +23,6 @@ from mm_trainer.quant import (
     quantization_method,
     skip_modules,
 )
-from mm_trainer.towers import map_towers
 from tests.kit import (
     auto_model_class,
     image_text_dataset,

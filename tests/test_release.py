@@ -11,8 +11,8 @@ import torch
 from peft import LoraConfig, PeftModel
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.engine import Engine, detect_engine
-from mm_trainer.release import ReleasedTowerError, release_blocker
+from mm_trainer.distributed.engine import Engine, detect_engine
+from mm_trainer.model.release import ReleasedTowerError, release_blocker
 from tests.kit import make_tokenizer, text_dataset, tiny_model, training_args
 from tests.kit.models import AUDIO_CHUNK_SECONDS, AUDIO_MEL_BINS
 

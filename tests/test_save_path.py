@@ -11,9 +11,9 @@ import pytest
 from peft import LoraConfig
 
 from mm_trainer import MMSFTTrainer
-from mm_trainer.atomic import atomic_write_json, atomic_write_text
 from mm_trainer.audit.card import CARD_BEGIN, CARD_END
-from mm_trainer.checkpoints import COMPLETE_MARKER
+from mm_trainer.core.checkpoints import COMPLETE_MARKER
+from mm_trainer.utils.atomic import atomic_write_json, atomic_write_text
 from tests.kit import make_tokenizer, text_dataset, tiny_model, training_args
 
 
@@ -68,7 +68,7 @@ def test_every_file_mm_trainer_writes_at_a_save_is_atomic(tmp_path, monkeypatch)
     import tempfile
     from types import SimpleNamespace
 
-    import mm_trainer.atomic as atomic
+    import mm_trainer.utils.atomic as atomic
 
     written: list[str] = []
 

@@ -157,7 +157,7 @@ def test_released_tower_under_sharding_matches_ddp(request, ddp, engine):
 
 
 def test_zero3_init_flag_by_path_skips_probe_and_generates(ddp, zero3_init):
-    from mm_trainer.evaluation import generate_answers
+    from mm_trainer.training.evaluation import generate_answers
     from tests.kit import auto_model_class, make_tokenizer, text_dataset
 
     infos = _ranks(zero3_init, "path-eval")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from mm_trainer.adapters import lora_adapters
 from mm_trainer.audit.params import other_trainable
 from mm_trainer.audit.record import InitRecord
-from mm_trainer.telemetry import TowerTelemetry
+from mm_trainer.core.telemetry import TowerTelemetry
+from mm_trainer.model.adapters import lora_adapters
 from tests.kit import tiny_model
 
 

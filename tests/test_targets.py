@@ -12,9 +12,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.error import NoMatchingPeftModuleError
 
-from mm_trainer.modality import ModalityProfile
-from mm_trainer.probe import build_probe_batch, probe_reachability
-from mm_trainer.targets import matched_modules, resolve_targets
+from mm_trainer.model.modality import ModalityProfile
+from mm_trainer.model.probe import build_probe_batch, probe_reachability
+from mm_trainer.model.targets import matched_modules, resolve_targets
 from tests.kit import FAMILIES, VLM_FAMILIES, make_tokenizer, text_dataset, tiny_model
 
 TEXT = ModalityProfile(frozenset({"text"}))

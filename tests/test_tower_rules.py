@@ -13,7 +13,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 
-from mm_trainer.towers import map_towers
+from mm_trainer.model.towers import map_towers
 from tests.kit.shrink import shrink_config
 
 

@@ -11,7 +11,7 @@ from transformers import BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 from mm_trainer import MMSFTTrainer
-from mm_trainer.trl_errors import HINT_PREFIX
+from mm_trainer.training.sft_errors import HINT_PREFIX
 from tests.kit import (
     FAST_CPU_TRAINING,
     image_text_dataset,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm_trainer.probe import build_probe_batch, probe_reachability
-from mm_trainer.towers import map_towers
+from mm_trainer.model.probe import build_probe_batch, probe_reachability
+from mm_trainer.model.towers import map_towers
 from tests.kit import make_tokenizer, tiny_model
 
 

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_json, atomic_write_text
+from ..utils.atomic import atomic_write_json, atomic_write_text
 from .card import add_to_card, card_error_section
 from .markdown import render_markdown
 from .naming import group_names
@@ -262,7 +262,7 @@ class TrainingAuditor:
         try:
             from rich.markup import escape
 
-            from ..plan_report import console
+            from ..model.plan_report import console
 
             colour = {"pass": "green", "warn": "yellow", "fail": "red", "unknown": "yellow"}[self.report()["verdict"]]
             lines = self.summary_lines()

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
+from ..utils.atomic import atomic_write_text
 from .markdown import TOWER_HEADER, md_table, reason_lines, tower_rows
 
 CARD_BEGIN = "<!-- mm-trainer audit: begin -->"

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..plan_report import human
+from ..model.plan_report import human
 from .dynamics import MIN_POINTS_FOR_TREND
 from .naming import group_names
 from .status import DEAD_STATUSES, STATUSES

@@ -13,7 +13,7 @@ What the files can tell:
   non-zero adapter may or may not have trained: **unverified**, unless the folder holds the ``audit.json`` mm-trainer
   wrote at training time, whose per-module status (from fingerprints taken at init) is then used.
 
-Towers come from the module names (:func:`~mm_trainer.towers.tower_from_name`).
+Towers come from the module names (:func:`~mm_trainer.model.towers.tower_from_name`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..towers import TOWERS, tower_from_name
+from ..model.towers import TOWERS, tower_from_name
 from .naming import group_names
 from .serving import ADAPTER_CONFIG, ADAPTER_WEIGHTS, module_of_key
 from .status import DEAD_STATUSES

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters import LoraAdapter
-from ..sharding import full_numel
-from ..towers import TOWERS, TowerMap, strip_peft_prefix
+from ..distributed.sharding import full_numel
+from ..model.adapters import LoraAdapter
+from ..model.towers import TOWERS, TowerMap, strip_peft_prefix
 from .status import ModuleAudit
 
 
@@ -35,7 +35,7 @@ def other_trainable(model: nn.Module, adapters: Iterable[LoraAdapter]) -> dict[s
     """Trainable parameters that are not an adapter's A or B (``modules_to_save``, trainable tokens, biases),
     by name in the base model.
 
-    A and B are told apart by name (:attr:`~mm_trainer.adapters.LoraAdapter.param_names`), not by object: FSDP2
+    A and B are told apart by name (:attr:`~mm_trainer.model.adapters.LoraAdapter.param_names`), not by object: FSDP2
     replaces every parameter object when the model is prepared.
     """
     adapters = list(adapters)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes
+from ..utils.atomic import atomic_write_bytes
 from .dynamics import GRAD_NORM_AGGREGATION
 
 LOSS_PLOT = "audit_loss.png"

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..adapters import LoraAdapter
-from ..sharding import gathered
+from ..distributed.sharding import gathered
+from ..model.adapters import LoraAdapter
 
 RECORD_FORMAT = 1
 """Version of :meth:`InitRecord.state_dict`'s layout."""

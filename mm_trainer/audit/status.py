@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..adapters import LoraAdapter
+from ..model.adapters import LoraAdapter
 from .record import Movement
 
 STATUSES: tuple[str, ...] = ("trained", "decay_only", "zero_grad", "never_fired")

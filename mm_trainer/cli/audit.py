@@ -37,7 +37,7 @@ def _print_text(report: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..plan_report import console, human
+    from ..model.plan_report import console, human
 
     out = console()
     cfg = report["adapter_config"]

@@ -53,8 +53,8 @@ def _fmt(value: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mm-trainer compare``."""
+    from ..audit.compare import RunDirError, compare
     from ..audit.report import jsonable
-    from ..compare import RunDirError, compare
 
     try:
         result = compare(args.runs, args.out)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    from ..plan_report import console
+    from ..model.plan_report import console
 
     table = Table(title="mm-trainer compare", title_justify="left")
     for _, header in COLUMNS:

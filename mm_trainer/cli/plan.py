@@ -55,7 +55,7 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
     """The model config from a directory, a ``config.json`` path, or a Hub id (cached or online)."""
     from transformers import AutoConfig
 
-    from ..inputs import check_model_path
+    from ..utils.inputs import check_model_path
 
     check_model_path(model)
     path = Path(model)
@@ -69,13 +69,13 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
 
 
 def build_plan(args: argparse.Namespace) -> Any:
-    """The :class:`~mm_trainer.targets.TargetPlan` for the command-line arguments."""
+    """The :class:`~mm_trainer.model.targets.TargetPlan` for the command-line arguments."""
     from peft import LoraConfig
 
-    from ..modality import ModalityProfile
-    from ..model_class import meta_model
-    from ..plan_report import param_memory
-    from ..targets import resolve_targets
+    from ..model.modality import ModalityProfile
+    from ..model.model_class import meta_model
+    from ..model.plan_report import param_memory
+    from ..model.targets import resolve_targets
 
     config = load_config(args.model, args.trust_remote_code)
     model = meta_model(config, args.trust_remote_code)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    from ..plan_report import console, print_param_memory, print_plan
+    from ..model.plan_report import console, print_param_memory, print_plan
 
     out = console()
     print_plan(plan, out, title=f"{args.model} ({class_name}) - LoRA r={args.rank}, data: {args.modality}")

@@ -19,8 +19,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..adapters import LoraAdapter
-from ..modality import NON_TEXT_MODALITIES, ModalityProfile, placeholder_ids
+from ..model.adapters import LoraAdapter
+from ..model.modality import NON_TEXT_MODALITIES, ModalityProfile, placeholder_ids
 from .dominance import DominanceTracker, lora_linear_modules
 from .inject import IMoDInjector
 from .masks import IMoDMasks

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import LoraAdapter
+from ..model.adapters import LoraAdapter
 from .tokens import TokenLayout
 
 

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..adapters import LoraAdapter
+from ..model.adapters import LoraAdapter
 from .constraints import ResponseGradient, constraint_gradient, zone_masks
 from .dominance import lora_linear_modules
 from .masks import IMoDMasks

@@ -2,7 +2,7 @@
 
 A *sequence* is one row of ``input_ids``; with padding-free packing (``position_ids`` and no ``attention_mask``) it is
 each segment whose ``position_ids`` restart at 0. Padding (``attention_mask == 0``) belongs to neither modality.
-Non-text means any of image, video and audio placeholder tokens (:func:`mm_trainer.modality.token_modality`).
+Non-text means any of image, video and audio placeholder tokens (:func:`mm_trainer.model.modality.token_modality`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..modality import PAD, TEXT, token_modality
+from ..model.modality import PAD, TEXT, token_modality
 
 
 @dataclass

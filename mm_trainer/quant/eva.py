@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import lora_adapters
-from ..towers import TowerMap
+from ..model.adapters import lora_adapters
+from ..model.towers import TowerMap
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def initialize_eva(
         dataloader: Training batches, or a callable returning them (``trainer.get_train_dataloader``), called only
             when the config asks for EVA.
         tower_map: The base model's tower map.
-        profile: The data's :class:`~mm_trainer.modality.ModalityProfile`.
+        profile: The data's :class:`~mm_trainer.model.modality.ModalityProfile`.
         show_progress_bar: PEFT's convergence progress bar.
         adapter_name: The PEFT adapter.
         max_batches: Batches EVA cycles over.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..towers import TowerMap
+from ..model.towers import TowerMap
 from .import_utils import require_bitsandbytes
 
 logger = logging.getLogger(__name__)
@@ -150,8 +150,8 @@ def checkpoint_skip_modules(
     """:func:`skip_modules` of a checkpoint, from its config alone (the model built on the meta device)."""
     from transformers import AutoConfig
 
-    from ..model_class import meta_model
-    from ..towers import map_towers
+    from ..model.model_class import meta_model
+    from ..model.towers import map_towers
 
     config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     return skip_modules(map_towers(meta_model(config, trust_remote_code)), skip_towers)

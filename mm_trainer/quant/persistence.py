@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_bytes, atomic_write_json
-from ..towers import map_towers
+from ..model.towers import map_towers
+from ..utils.atomic import atomic_write_bytes, atomic_write_json
 from .checks import quantization_method
 from .layers import (
     DEFAULT_SKIP_TOWERS,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..towers import TowerMap, is_quantized_linear
+from ..model.towers import TowerMap, is_quantized_linear
 from . import persistence, report
 from .checks import init_name, quantization_method
 from .import_utils import require_bitsandbytes

@@ -55,7 +55,7 @@ def print_report(self: QuantizedBase) -> None:
     """The start-up report: what went 4-bit, memory, and LoftQ's errors (per module in the log)."""
     from rich.table import Table
 
-    from ..plan_report import console, human
+    from ..model.plan_report import console, human
 
     out = console()
     b = self.linear_bytes

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mm_trainer.adapters import LoraAdapter
 from mm_trainer.audit.record import InitRecord
 from mm_trainer.audit.status import module_audits
+from mm_trainer.model.adapters import LoraAdapter
 
 HIDDEN, KV, INTERMEDIATE, LAYERS, RANK = 3584, 512, 18944, 28, 16
 SHAPES = {

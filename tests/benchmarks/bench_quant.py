@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from mm_trainer.model.towers import map_towers
 from mm_trainer.quant import Nf4Spec, loftq_decompose, lora_scaling, resident_bytes
 from mm_trainer.quant.layers import quantize_linear
-from mm_trainer.towers import map_towers
 
 
 def build(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> nn.Module:

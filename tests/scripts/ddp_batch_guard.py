@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from mm_trainer.batch_guard import BatchModalityGuard, UnseenModalityError
-from mm_trainer.modality import ModalityProfile
+from mm_trainer.core.batch_guard import BatchModalityGuard, UnseenModalityError
+from mm_trainer.model.modality import ModalityProfile
 from tests.kit import tiny_config
 
 out = Path(sys.argv[1])

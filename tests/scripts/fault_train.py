@@ -38,8 +38,8 @@ import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
-import mm_trainer.atomic as atomic  # noqa: E402
-import mm_trainer.trainer as trainer_module  # noqa: E402
+import mm_trainer.training.sft as trainer_module  # noqa: E402
+import mm_trainer.utils.atomic as atomic  # noqa: E402
 from mm_trainer import MMSFTTrainer  # noqa: E402
 from tests.kit import end_process_group, make_tokenizer, text_dataset, tiny_model, training_args  # noqa: E402
 

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.evaluation import generate_answers
+from mm_trainer.training.evaluation import generate_answers
 from tests.kit import (
     end_process_group,
     make_processor,

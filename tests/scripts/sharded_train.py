@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.batch_guard import UnseenModalityError
+from mm_trainer.core.batch_guard import UnseenModalityError
 from tests.kit import (
     end_process_group,
     image_text_dataset,

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_json
+from ..utils.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes
-from .audit.dynamics import GRAD_NORM_AGGREGATION, band
+from ..utils.atomic import atomic_write_bytes
+from .dynamics import GRAD_NORM_AGGREGATION, band
 
 AUDIT_FILE = "audit.json"
 WARMUP_SHARE = 0.10

@@ -15,34 +15,13 @@ from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMi
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
-from .adapters import LoraAdapter, lora_adapters
-from .atomic import atomic_write_json
-from .audit import TrainingAuditor
-from .audit.auditor import is_checkpoint_dir
-from .audit.raw_loss import RawLoss
-from .audit.report import jsonable
-from .batch_guard import BatchModalityGuard
-from .callbacks import MMTrainerCallback
-from .checkpoints import resolve_resume_checkpoint, unmark_checkpoint, write_complete_marker
-from .config import MMSFTConfig
-from .dummy_media import DummyMedia
-from .engine import detect_engine, probe_blocker
-from .imod import ModalityBalance, check_imod_data
-from .inputs import check_model_path
-from .modality import NON_TEXT_MODALITIES, ModalityProfile, check_dataset_columns, profile_dataset, sample_rows
-from .model_class import meta_model
-from .plan_report import print_plan
-from .probe import ProbeResult, ProbeSettings, build_probe_batch, choose_probe_rows, probe_reachability
-from .quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
-from .release import (
-    ReleasedTowerError,
-    ReleaseRecord,
-    releasable_roots,
-    release_blocker,
-    release_towers,
-    release_unloaded_towers,
-)
-from .resume import (
+from ..audit import TrainingAuditor
+from ..audit.auditor import is_checkpoint_dir
+from ..audit.raw_loss import RawLoss
+from ..audit.report import jsonable
+from ..core.batch_guard import BatchModalityGuard
+from ..core.checkpoints import resolve_resume_checkpoint, unmark_checkpoint, write_complete_marker
+from ..core.resume import (
     SETTINGS_KEY,
     STATE_FILE,
     CheckpointStateError,
@@ -52,12 +31,33 @@ from .resume import (
     read_state,
     run_settings,
 )
-from .sharding import engine_name, gathered
-from .targets import TargetPlan, matched_modules, resolve_targets
-from .telemetry import TowerTelemetry
-from .tower_loading import UnloadedTowers, load_without, plan_unloaded
-from .towers import NON_TEXT_TOWERS, TowerMap, map_towers
-from .trl_errors import sft_init_error, with_hint
+from ..core.telemetry import TowerTelemetry
+from ..distributed.dummy_media import DummyMedia
+from ..distributed.engine import detect_engine, probe_blocker
+from ..distributed.sharding import engine_name, gathered
+from ..imod import ModalityBalance, check_imod_data
+from ..model.adapters import LoraAdapter, lora_adapters
+from ..model.loading import UnloadedTowers, load_without, plan_unloaded
+from ..model.modality import NON_TEXT_MODALITIES, ModalityProfile, check_dataset_columns, profile_dataset, sample_rows
+from ..model.model_class import meta_model
+from ..model.plan_report import print_plan
+from ..model.probe import ProbeResult, ProbeSettings, build_probe_batch, choose_probe_rows, probe_reachability
+from ..model.release import (
+    ReleasedTowerError,
+    ReleaseRecord,
+    releasable_roots,
+    release_blocker,
+    release_towers,
+    release_unloaded_towers,
+)
+from ..model.targets import TargetPlan, matched_modules, resolve_targets
+from ..model.towers import NON_TEXT_TOWERS, TowerMap, map_towers
+from ..quant import QuantizedBase, check_loaded_model, check_peft_config, initialize_eva, quantized_load_kwargs
+from ..utils.atomic import atomic_write_json
+from ..utils.inputs import check_model_path
+from .callbacks import MMTrainerCallback
+from .config import MMSFTConfig
+from .sft_errors import sft_init_error, with_hint
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ class MMSFTTrainer(SFTTrainer):
     With a plain causal LM and text data nothing changes: the same modules are adapted, with the same initial values.
 
     Attributes:
-        target_plan: The :class:`~mm_trainer.targets.TargetPlan` (``None`` without ``peft_config``).
-        modality_profile: The training data's :class:`~mm_trainer.modality.ModalityProfile`.
-        tower_map: The base model's :class:`~mm_trainer.towers.TowerMap`.
-        telemetry: The :class:`~mm_trainer.telemetry.TowerTelemetry` (``None`` without adapters, or when both
+        target_plan: The :class:`~mm_trainer.model.targets.TargetPlan` (``None`` without ``peft_config``).
+        modality_profile: The training data's :class:`~mm_trainer.model.modality.ModalityProfile`.
+        tower_map: The base model's :class:`~mm_trainer.model.towers.TowerMap`.
+        telemetry: The :class:`~mm_trainer.core.telemetry.TowerTelemetry` (``None`` without adapters, or when both
             ``tower_telemetry`` and ``audit`` are off; with ``audit`` alone it tracks but logs nothing).
         released_towers: Towers whose weights were released.
         auditor: The :class:`~mm_trainer.audit.TrainingAuditor` that writes the audit at every save (``None`` when
@@ -224,7 +224,7 @@ class MMSFTTrainer(SFTTrainer):
         equals the model ``SFTTrainer`` loads itself. ``args`` is the trainer's own copy (see :func:`_as_mm_config`).
 
         With ``release`` (towers the data never reaches are to be released), the towers that would be released are
-        never materialized: they stay on the meta device (:mod:`mm_trainer.tower_loading`). Returns the model, the
+        never materialized: they stay on the meta device (:mod:`mm_trainer.model.loading`). Returns the model, the
         processor and those towers' ``(path, tower)`` roots.
         """
         set_seed(args.seed)  # as SFTTrainer: adapter init and any missing weights depend on the seed
@@ -660,8 +660,8 @@ class MMSFTTrainer(SFTTrainer):
         """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint.
 
         Unfinished checkpoints (a kill during their save) are skipped with a warning naming them; a named unfinished
-        checkpoint is refused with the name of the last complete one (:mod:`mm_trainer.checkpoints`). Before the
-        Trainer loads anything, the checkpoint's settings are compared with this run's (:mod:`mm_trainer.resume`).
+        checkpoint is refused with the name of the last complete one (:mod:`mm_trainer.core.checkpoints`). Before the
+        Trainer loads anything, the checkpoint's settings are compared with this run's (:mod:`mm_trainer.core.resume`).
         """
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None and checkpoint.is_dir():

@@ -342,7 +342,7 @@ def resolve_targets(
     Args:
         model: The base model (not PEFT-wrapped). Meta-device models work (no weights are read).
         peft_config: The user's PEFT config (``LoraConfig`` and other configs with ``target_modules``).
-        profile: The data's :class:`~mm_trainer.modality.ModalityProfile`.
+        profile: The data's :class:`~mm_trainer.model.modality.ModalityProfile`.
         target_towers: ``"auto"`` (follow the data) or an explicit list of towers, which overrides the data.
         dead_targets: What to do with matched modules the data does not reach under ``"auto"``: ``"drop"`` them
             (and log), ``"warn"`` (keep them and warn) or ``"error"`` (raise, listing them).

@@ -496,7 +496,7 @@ def build_probe_batch(
         completion_only_loss: Loss on the completion only for prompt-completion rows (``None``: as TRL, on when
             the rows have ``prompt`` and ``completion``).
         model_config: The model's config; video rows get a probe clip built from it (see
-            :mod:`mm_trainer.video_probe`).
+            :mod:`mm_trainer.model.video_probe`).
 
     Returns:
         A batch with ``input_ids``, ``attention_mask``, ``labels`` and media features where present.

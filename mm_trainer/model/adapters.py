@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .sharding import full_numel
+from ..distributed.sharding import full_numel
 from .towers import TowerMap, strip_peft_prefix
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .modality import NON_TEXT_MODALITIES, ModalityProfile, batch_modality_rows, placeholder_ids
+from ..model.modality import NON_TEXT_MODALITIES, ModalityProfile, batch_modality_rows, placeholder_ids
 
 
 class UnseenModalityError(ValueError):

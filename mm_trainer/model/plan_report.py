@@ -1,4 +1,4 @@
-"""Render a :class:`~mm_trainer.targets.TargetPlan` as a ``rich`` table (trainer start-up and ``mm-trainer plan``)."""
+"""Render a :class:`~mm_trainer.model.targets.TargetPlan` as a ``rich`` table (trainer start-up and ``mm-trainer plan``)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ class ParamMemory:
 
     Attributes:
         total_params: Every parameter of the model (tied ones once).
-        released_params: Parameters of the towers a text-only run releases (:func:`~mm_trainer.release.releasable_roots`).
+        released_params: Parameters of the towers a text-only run releases (:func:`~mm_trainer.model.release.releasable_roots`).
         released_roots: Module paths of those towers.
     """
 

@@ -9,8 +9,8 @@ from typing import Any
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .modality import MODALITIES
-from .targets import DEAD_TARGET_POLICIES, validate_target_towers
+from ..model.modality import MODALITIES
+from ..model.targets import DEAD_TARGET_POLICIES, validate_target_towers
 
 QUANTIZATION_MODES: tuple[str, ...] = ("qlora", "loftq")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .adapters import LoraAdapter
-from .sharding import full_numel, full_shape, is_dtensor, local_tensor
+from ..distributed.sharding import full_numel, full_shape, is_dtensor, local_tensor
+from ..model.adapters import LoraAdapter
 
 
 class TowerTelemetry:

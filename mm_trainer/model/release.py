@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import Engine, is_zero3_partitioned
+from ..distributed.engine import Engine, is_zero3_partitioned
 from .targets import TargetPlan
 from .towers import NON_TEXT_TOWERS
 
@@ -189,7 +189,7 @@ def release_blocker(engine: Engine, model: nn.Module) -> ReleaseBlocker | None:
 
 def release_unloaded_towers(model: nn.Module, roots: list[tuple[str, str]]) -> list[ReleaseRecord]:
     """Release towers that were never loaded (their tensors left on the meta device at load, see
-    :mod:`mm_trainer.tower_loading`), ending in exactly the state :func:`release_towers` leaves a loaded tower in.
+    :mod:`mm_trainer.model.loading`), ending in exactly the state :func:`release_towers` leaves a loaded tower in.
 
     The records count the parameters and bytes the towers would have held (from the meta tensors' shapes and dtypes);
     every meta tensor of the towers then becomes a 0-element tensor of its dtype on the device the rest of the model

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .engine import is_zero3_partitioned
-from .metrics import load_metric
+from ..distributed.engine import is_zero3_partitioned
+from ..metrics import load_metric
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..model.modality import batch_modalities
 from .engine import detect_engine
-from .modality import batch_modalities
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Load a model by path without materializing the towers the data never reaches.
 
-A text-only run releases a VLM's vision tower (:mod:`mm_trainer.release`), but when the trainer is given a model
+A text-only run releases a VLM's vision tower (:mod:`mm_trainer.model.release`), but when the trainer is given a model
 instance, or loads one in full, the peak memory still holds the tower. Given a path or Hub id instead, mm-trainer
 decides which towers it would release *before* loading (from the dataset's modality profile and the model's config,
 built on the meta device) and loads through ``from_pretrained`` with a ``device_map`` that places those towers on
@@ -8,7 +8,7 @@ built on the meta device) and loads through ``from_pretrained`` with a ``device_
 the way and keeps none; nothing is written) and leaves their parameters on the meta device, while the language model,
 the embeddings and everything else load as usual. The accelerate hooks
 that the disk placement adds are removed right after the load, and
-:func:`~mm_trainer.release.release_unloaded_towers` then gives the towers the same state a release leaves.
+:func:`~mm_trainer.model.release.release_unloaded_towers` then gives the towers the same state a release leaves.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The glue to TRL's trainers: the mixin that attaches mm-trainer to a trainer, the configs and the trainers."""

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from mm_trainer.core.batch_guard import BatchModalityGuard, UnseenModalityError
 from mm_trainer.model.modality import ModalityProfile
-from tests.kit import tiny_config
+from tests.kit import end_process_group, tiny_config
 
 out = Path(sys.argv[1])
 accelerator = Accelerator(cpu=True)
@@ -40,3 +40,4 @@ except UnseenModalityError as err:
     result["deferred_raised"] = str(err)
 result["pending_at_end"] = guard.pending
 (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+end_process_group()

@@ -13,10 +13,11 @@ from mm_trainer.audit.card import CARD_BEGIN, add_to_card
 from mm_trainer.audit.dynamics import band, loss_summary, spikes, training_dynamics
 from mm_trainer.audit.naming import group_names
 from mm_trainer.audit.record import InitRecord, fingerprint
-from mm_trainer.audit.report import jsonable, run_sections
+from mm_trainer.audit.report import run_sections
 from mm_trainer.audit.status import ModuleAudit, classify
 from mm_trainer.audit.verdict import FAIL_DEAD_SHARE, decide
 from mm_trainer.model.towers import map_towers, tower_from_name
+from mm_trainer.utils.jsonable import jsonable
 from tests.kit import FAMILIES, tiny_model
 
 

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.distributed.dummy_media import DummyMedia, DummyMediaError
+from mm_trainer.core.dummy_media import DummyMedia, DummyMediaError
 from tests.kit import make_processor, mixed_dataset, tiny_model, training_args
 
 FAMILY = "qwen2_5_vl"
@@ -21,13 +21,13 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 class DummyOnTrainer(MMSFTTrainer):
-    """MMSFTTrainer with the dummy media on, as under a sharding engine (``DummyMedia.for_trainer`` switches it on
+    """MMSFTTrainer with the dummy media on, as under a sharding engine (``DummyMedia.for_run`` switches it on
     only there)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         base = self.model.get_base_model()
-        self.dummy_media = DummyMedia(
+        self.mm.dummy_media = DummyMedia(
             base, {"vision": ["model.visual"]}, "model.language_model", self.processing_class, self.telemetry
         )
 

@@ -190,10 +190,10 @@ def test_image_data_loads_the_tower(tiny_path, tmp_path):
 
 
 def test_an_instance_says_once_how_to_avoid_the_peak(tiny_path, tmp_path, caplog):
-    import mm_trainer.training.sft as trainer_module
+    import mm_trainer.core.planning as planning
 
-    trainer_module._PEAK_WARNED = False
-    with caplog.at_level(logging.WARNING, logger="mm_trainer.training.sft"):
+    planning._PEAK_WARNED = False
+    with caplog.at_level(logging.WARNING, logger="mm_trainer.core.planning"):
         for i in range(2):
             _trainer(auto_model_class(FAMILY).from_pretrained(tiny_path), tmp_path / str(i))
         _trainer(tiny_path, tmp_path / "path")

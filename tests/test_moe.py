@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText, GenerationConfig, Pretrain
 from transformers.modeling_outputs import CausalLMOutput
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.model.targets import expert_groups
+from mm_trainer.model.matching import expert_groups
 from tests.kit import make_tokenizer, text_dataset, training_args
 from tests.kit.shrink import shrink_config
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mm_trainer.model.probe import build_probe_batch, choose_probe_rows, probe_reachability
-from mm_trainer.model.targets import matched_modules
+from mm_trainer.model.matching import matched_modules
+from mm_trainer.model.probe import choose_probe_rows, probe_reachability
+from mm_trainer.training.sft_probe_batch import build_probe_batch
 from tests.kit import image_text_dataset, make_processor, make_tokenizer, mixed_dataset, text_dataset, tiny_model
 
 

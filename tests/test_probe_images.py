@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mm_trainer.model.probe import build_probe_batch, probe_reachability
+from mm_trainer.model.probe import probe_reachability
+from mm_trainer.training.sft_probe_batch import build_probe_batch
 from tests.kit import image_text_dataset, make_processor, tiny_model
 
 

@@ -18,7 +18,8 @@ from peft import LoraConfig, get_peft_model_state_dict
 from torch import nn
 
 from mm_trainer import MMSFTTrainer
-from mm_trainer.model.probe import ProbeSettings, build_probe_batch, probe_reachability
+from mm_trainer.model.probe import ProbeSettings, probe_reachability
+from mm_trainer.training.sft_probe_batch import build_probe_batch
 from tests.kit import make_tokenizer, text_dataset, tiny_model, training_args
 from tests.kit.models import GEMMA3N_LAYERS, tiny_gemma3n
 

@@ -13,14 +13,14 @@ from datasets import Dataset
 from peft import IA3Config, LoraConfig
 
 from mm_trainer import MMSFTConfig, MMSFTTrainer
-from mm_trainer.core.checkpoints import (
+from mm_trainer.core.resume import CheckpointStateError, ResumeMismatchError, check_settings, read_state
+from mm_trainer.utils.checkpoints import (
     COMPLETE_MARKER,
     IncompleteCheckpointError,
     checkpoint_problem,
     resolve_resume_checkpoint,
     write_complete_marker,
 )
-from mm_trainer.core.resume import CheckpointStateError, ResumeMismatchError, check_settings, read_state
 from tests.kit import image_text_dataset, make_processor, make_tokenizer, text_dataset, tiny_model, training_args
 
 SUFFIXES = ["q_proj", "v_proj", "down_proj"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mm_trainer.core.checkpoints import COMPLETE_MARKER, checkpoint_problem
+from mm_trainer.utils.checkpoints import COMPLETE_MARKER, checkpoint_problem
 from tests.kit.launch import child_environment, run_bounded
 
 DRIVER = Path(__file__).parent / "scripts" / "fault_train.py"

@@ -12,8 +12,8 @@ from peft import LoraConfig
 
 from mm_trainer import MMSFTTrainer
 from mm_trainer.audit.card import CARD_BEGIN, CARD_END
-from mm_trainer.core.checkpoints import COMPLETE_MARKER
 from mm_trainer.utils.atomic import atomic_write_json, atomic_write_text
+from mm_trainer.utils.checkpoints import COMPLETE_MARKER
 from tests.kit import make_tokenizer, text_dataset, tiny_model, training_args
 
 

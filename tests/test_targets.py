@@ -12,9 +12,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.error import NoMatchingPeftModuleError
 
+from mm_trainer.model.matching import matched_modules
 from mm_trainer.model.modality import ModalityProfile
-from mm_trainer.model.probe import build_probe_batch, probe_reachability
-from mm_trainer.model.targets import matched_modules, resolve_targets
+from mm_trainer.model.probe import probe_reachability
+from mm_trainer.model.targets import resolve_targets
+from mm_trainer.training.sft_probe_batch import build_probe_batch
 from tests.kit import FAMILIES, VLM_FAMILIES, make_tokenizer, text_dataset, tiny_model
 
 TEXT = ModalityProfile(frozenset({"text"}))

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from mm_trainer.model.towers import TOWERS, LinearInfo, is_linear, linear_params, map_towers
+from mm_trainer.model.layers import is_linear, linear_params
+from mm_trainer.model.towers import TOWERS, LinearInfo, map_towers
 from tests.kit import FAMILIES, tiny_model
 
 # (tower root paths expected, by family). Every linear below a root belongs to that root's tower, except the

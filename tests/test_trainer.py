@@ -383,3 +383,35 @@ def test_extend_keeps_every_value_and_takes_changes(tmp_path):
         MMSFTConfig.extend(sft, target_towers=["eyes"])
     with pytest.raises(TypeError, match="no field"):
         MMSFTConfig.extend(sft, not_a_field=1)
+
+
+def test_default_args_are_named_as_sft_trainer_names_them(tmp_path, monkeypatch):
+    # Without `args`, MMSFTTrainer builds its config before SFTTrainer.__init__ runs: the output_dir must be the one
+    # SFTTrainer names (`<model name>-SFT`). The default configs ask for bf16, which a CPU-only machine refuses without
+    # `use_cpu`: both trainers' default config classes get CPU defaults here, nothing else.
+    import trl.trainer.sft_trainer as trl_sft
+
+    import mm_trainer.training.sft as mm_sft
+
+    def on_cpu(config_cls):
+        class OnCpu(config_cls):
+            def __init__(self, output_dir, **kwargs):
+                super().__init__(
+                    output_dir=output_dir, **{"use_cpu": True, "bf16": False, "report_to": "none", **kwargs}
+                )
+
+        return OnCpu
+
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    for cls, module, config_name, config_cls in (
+        (SFTTrainer, trl_sft, "SFTConfig", SFTConfig),
+        (MMSFTTrainer, mm_sft, "MMSFTConfig", MMSFTConfig),
+    ):
+        model = tiny_model("causal_lm")
+        model.config.name_or_path = "some-org/tiny-causal"
+        with monkeypatch.context() as patch:
+            patch.setattr(module, config_name, on_cpu(config_cls))
+            trainer = cls(model=model, train_dataset=text_dataset(4), processing_class=make_tokenizer("causal_lm"))
+        names[cls.__name__] = trainer.args.output_dir
+    assert names["MMSFTTrainer"] == names["SFTTrainer"] == "tiny-causal-SFT"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm_trainer.model.probe import build_probe_batch, probe_reachability
+from mm_trainer.model.probe import probe_reachability
 from mm_trainer.model.towers import map_towers
+from mm_trainer.training.sft_probe_batch import build_probe_batch
 from tests.kit import make_tokenizer, tiny_model
 
 

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..utils.atomic import atomic_write_json, atomic_write_text
+from ..utils.checkpoints import is_checkpoint_dir
 from .card import add_to_card, card_error_section
 from .markdown import render_markdown
 from .naming import group_names
 from .params import other_trainable
 from .plots import GRAD_NORM_PLOT, LOSS_PLOT, write_plots
 from .record import InitRecord
-from .report import build_audit
+from .report import AuditInputs, build_audit
 from .serving import strip_untrained
 from .status import DEAD_STATUSES
 
@@ -29,8 +30,6 @@ AUDIT_MD = "AUDIT.md"
 AUDIT_ERROR = "audit_error.txt"
 AUDIT_FILES: tuple[str, ...] = (AUDIT_JSON, AUDIT_MD, LOSS_PLOT, GRAD_NORM_PLOT)
 """Files the audit writes next to the adapter (none starts with ``_``: the Trainer's Hub upload skips those)."""
-
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
 
 
 class AuditFailedError(RuntimeError):
@@ -59,18 +58,19 @@ def write_audit_files(audit: dict[str, Any], output_dir: Path, plots: bool = Tru
     return audit
 
 
-def is_checkpoint_dir(path: Path) -> bool:
-    """Whether ``path`` is a Trainer checkpoint folder (``checkpoint-<step>``)."""
-    return bool(_CHECKPOINT_DIR.match(path.name))
-
-
 class TrainingAuditor:
-    """Audits an ``MMSFTTrainer`` run: fingerprints the adapters at construction, writes the audit at every save.
+    """Audits a run: fingerprints the adapters when built, writes the audit at every save.
 
-    Build it at the very end of the trainer's ``__init__``, after PEFT has initialised the adapters.
+    Build it once PEFT has initialised the adapters and before the first optimizer step.
 
     Args:
-        trainer: The trainer (``adapters``, ``telemetry``, ``state``, ``args``, ``model``, ... are read from it).
+        adapters: The run's LoRA adapters.
+        model: The PEFT-wrapped model (its other trainable parameters are fingerprinted too).
+        args: The training arguments: `output_dir`, `audit_plots`, `audit_block_failed_push`, `serving_clean_save`.
+        inputs: Returns what the audit reads as the run stands ([`~mm_trainer.audit.report.AuditInputs`]); called
+            at every build, so it must be cheap (references, no copies).
+        save: Saves the adapter and its audit to a folder (the trainer's `save_model` without a Hub push), for
+            [`guard_push`] to keep a refused run.
 
     Attributes:
         record: The :class:`~mm_trainer.audit.record.InitRecord`.
@@ -79,9 +79,18 @@ class TrainingAuditor:
             ``"unknown"`` with this reason first, which never blocks a push.
     """
 
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-        self.record = InitRecord(trainer.adapters, other_trainable(trainer.model, trainer.adapters))
+    def __init__(
+        self,
+        adapters: list[Any],
+        model: Any,
+        args: Any,
+        inputs: Callable[[], AuditInputs],
+        save: Callable[[str], None],
+    ) -> None:
+        self.args = args
+        self.inputs = inputs
+        self.save = save
+        self.record = InitRecord(adapters, other_trainable(model, adapters))
         self.last_audit: dict[str, Any] | None = None
         self.unknown_reason: str | None = None
         self._cache: tuple[tuple, dict[str, Any]] | None = None
@@ -90,12 +99,12 @@ class TrainingAuditor:
     # ---------------------------------------------------------------------------------------------------------------
     def _state_key(self) -> tuple:
         """What the audit depends on, cheaply: weights change only with optimizer steps."""
-        t, state = self.trainer.telemetry, self.trainer.state
+        inputs = self.inputs()
         return (
-            state.global_step,
-            len(state.log_history),
-            len(t.history) if t is not None else 0,
-            len(t.fired) if t is not None else 0,
+            inputs.global_step,
+            len(inputs.log_history),
+            len(inputs.telemetry_history),
+            len(inputs.fired),
             self.record.lost,
             self.record.restored,
         )
@@ -113,7 +122,7 @@ class TrainingAuditor:
         """The audit of the run as it stands (rebuilt only when a step, a log or a fired adapter was added)."""
         key = self._state_key()
         if self._cache is None or self._cache[0] != key:
-            audit = build_audit(self.trainer, self.record)
+            audit = build_audit(self.inputs(), self.record)
             if self.unknown_reason is not None:
                 reason = {"level": "unknown", "code": "engine", "message": self.unknown_reason}
                 audit = {**audit, "verdict": "unknown", "reasons": [reason, *audit["reasons"]]}
@@ -128,7 +137,7 @@ class TrainingAuditor:
         adapters are stripped from the saved adapter first. If anything fails, the adapter stays as saved, stale
         audit files are removed, the traceback goes to ``audit_error.txt`` and a warning is issued.
         """
-        args = self.trainer.args
+        args = self.args
         try:
             audit = dict(self.report())
             if getattr(args, "serving_clean_save", False) and not is_checkpoint_dir(output_dir):
@@ -153,7 +162,7 @@ class TrainingAuditor:
             atomic_write_text(
                 output_dir / AUDIT_ERROR,
                 f"mm-trainer could not build or write the audit for this save (optimizer step "
-                f"{self.trainer.state.global_step}). The adapter files in this folder are complete.\n\n{trace}",
+                f"{self.inputs().global_step}). The adapter files in this folder are complete.\n\n{trace}",
             )
             written = True
             readme = output_dir / "README.md"
@@ -192,7 +201,7 @@ class TrainingAuditor:
         Raises:
             AuditFailedError: When the verdict is ``fail`` and blocking is on.
         """
-        args = self.trainer.args
+        args = self.args
         if not getattr(args, "audit_block_failed_push", True):
             return
         try:
@@ -204,7 +213,7 @@ class TrainingAuditor:
             return
         output_dir = Path(args.output_dir)
         if self._saved.get(str(output_dir.resolve())) != self._state_key():
-            self.trainer.save_model(str(output_dir), _internal_call=True)
+            self.save(str(output_dir))
         reasons = "\n".join(f"  - {r['message']}" for r in audit["reasons"] if r["level"] == "fail")
         raise AuditFailedError(
             f'push_to_hub refused: the mm-trainer audit verdict is "fail" (nothing was uploaded).\n{reasons}\n'
@@ -215,7 +224,7 @@ class TrainingAuditor:
     def before_checkpoint_push(self, checkpoint_folder: Path) -> bool:
         """Bring the checkpoint's audit files into ``output_dir`` for the Trainer's checkpoint push; ``False`` (skip
         this push, with a warning) when the checkpoint's verdict is ``fail`` and ``audit_block_failed_push`` is on."""
-        args = self.trainer.args
+        args = self.args
         output_dir = Path(args.output_dir)
         audit = None
         try:

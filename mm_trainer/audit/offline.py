@@ -22,9 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..model.peft_names import module_of_key
 from ..model.towers import TOWERS, tower_from_name
+from ..utils.checkpoints import list_checkpoints
 from .naming import group_names
-from .serving import ADAPTER_CONFIG, ADAPTER_WEIGHTS, module_of_key
+from .serving import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .status import DEAD_STATUSES
 
 ZERO_PRODUCT_INITS: tuple[Any, ...] = (True, "gaussian", "eva")
@@ -51,10 +53,7 @@ def _find_dir(path: Path) -> Path:
     if not path.is_dir():
         raise AdapterDirError(f"{path} is not a directory or a file in one.")
     if not (path / ADAPTER_CONFIG).is_file():
-        checkpoints = sorted(
-            path.glob("checkpoint-*"),
-            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-        )
+        checkpoints = list_checkpoints(path)
         hint = f" It holds checkpoints; pass one of them, e.g. {checkpoints[-1]}." if checkpoints else ""
         raise AdapterDirError(
             f"{path} has no {ADAPTER_CONFIG}: not a PEFT adapter folder (save one with "

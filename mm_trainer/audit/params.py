@@ -9,7 +9,9 @@ from torch import nn
 
 from ..distributed.sharding import full_numel
 from ..model.adapters import LoraAdapter
-from ..model.towers import TOWERS, TowerMap, strip_peft_prefix
+from ..model.layers import is_4bit_weight
+from ..model.peft_names import strip_peft_prefix
+from ..model.towers import TOWERS, TowerMap
 from .status import ModuleAudit
 
 
@@ -24,11 +26,6 @@ def param_count(param: nn.Parameter) -> int:
             n *= int(d)
         return n
     return full_numel(param)  # whole, also for an FSDP2 shard or a ZeRO-3 partition
-
-
-def is_4bit(param: nn.Parameter) -> bool:
-    """Whether ``param`` is a bitsandbytes 4-bit weight."""
-    return type(param).__name__ == "Params4bit"
 
 
 def other_trainable(model: nn.Module, adapters: Iterable[LoraAdapter]) -> dict[str, nn.Parameter]:
@@ -116,7 +113,7 @@ def param_summary(
         r = row(tower_map.tower_of(name))
         n = param_count(p)
         r["base_params"] += n
-        if is_4bit(p):
+        if is_4bit_weight(p):
             r["base_params_4bit"] += n
     for record in released:
         row(record.tower)["base_params"] += int(record.params)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
-import enum
-import math
 import platform
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from ..utils.jsonable import jsonable
 from .dynamics import training_dynamics
 from .params import other_trainable, param_summary
 from .record import InitRecord
@@ -37,27 +37,6 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` with tensors, sets, tuples, paths and numpy scalars made JSON-ready; NaN / infinity become the
-    strings ``"nan"`` / ``"inf"`` / ``"-inf"`` (strict JSON has no such numbers)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, enum.Enum):
-        return jsonable(value.value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted(jsonable(v) for v in value)
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return jsonable(tolist())
-    return str(value)
-
-
 def adapter_config_summary(model: Any, adapter_name: str = "default") -> dict[str, Any] | None:
     """The PEFT config fields that shape the adapters (rank, alpha, init scheme, targets)."""
     configs = getattr(model, "peft_config", None)
@@ -82,7 +61,7 @@ def adapter_config_summary(model: Any, adapter_name: str = "default") -> dict[st
     return jsonable(out)
 
 
-def training_summary(args: Any, state: Any) -> dict[str, Any]:
+def training_summary(args: Any, global_step: int, epoch: float | None) -> dict[str, Any]:
     """The training arguments an audit reader needs to judge the dynamics."""
     keys = (
         "learning_rate",
@@ -105,8 +84,8 @@ def training_summary(args: Any, state: Any) -> dict[str, Any]:
     )
     out = {k: getattr(args, k, None) for k in keys}
     out["world_size"] = getattr(args, "world_size", 1)
-    out["global_step"] = state.global_step
-    out["epoch"] = state.epoch
+    out["global_step"] = global_step
+    out["epoch"] = epoch
     return jsonable(out)
 
 
@@ -121,43 +100,73 @@ def run_sections(sections: Mapping[str, Callable[[], Mapping[str, Any]]]) -> dic
     return out
 
 
-def build_audit(trainer: Any, record: InitRecord) -> dict[str, Any]:
-    """The audit of ``trainer``'s run as it stands now.
+@dataclass
+class AuditInputs:
+    """Everything the audit of a run reads, handed over explicitly (see [`build_audit`]).
+
+    Attributes:
+        model: The (PEFT-wrapped) model.
+        adapters: Its LoRA adapters.
+        tower_map: Tower map of the base model.
+        released_towers: Records of the towers whose weights were released (`tower`, `params`, `to_dict()`).
+        target_plan: The resolved targets (`None` without a plan).
+        modality_profile: The training data's modality profile.
+        args: The training arguments (for the training summary).
+        global_step: The optimizer step the run is at.
+        epoch: The epoch it is at.
+        log_history: The Trainer's log history.
+        fired: Adapters (by name) that ran a training forward.
+        nonzero_steps: Per adapter, the optimizer steps it had a non-zero gradient in.
+        telemetry_history: Per-tower gradient norms per log (`grad_norm/<tower>`).
+        raw_loss_history: The unfiltered loss per log, when recorded.
+        sections: Feature sections: name -> callable returning a JSON-ready dict.
+    """
+
+    model: Any
+    adapters: list[Any]
+    tower_map: Any
+    released_towers: list[Any] = field(default_factory=list)
+    target_plan: Any = None
+    modality_profile: Any = None
+    args: Any = None
+    global_step: int = 0
+    epoch: float | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    fired: set[str] = field(default_factory=set)
+    nonzero_steps: dict[str, int] = field(default_factory=dict)
+    telemetry_history: list[dict[str, Any]] = field(default_factory=list)
+    raw_loss_history: list[dict[str, Any]] | None = None
+    sections: Mapping[str, Callable[[], Mapping[str, Any]]] = field(default_factory=dict)
+
+
+def build_audit(inputs: AuditInputs, record: InitRecord) -> dict[str, Any]:
+    """The audit of a run as it stands now.
 
     Args:
-        trainer: An :class:`~mm_trainer.MMSFTTrainer` (reads ``adapters``, ``telemetry``, ``state``, ``args``,
-            ``target_plan``, ``modality_profile``, ``tower_map``, ``released_towers``, ``audit_sections``).
+        inputs: What the audit reads (see [`AuditInputs`]).
         record: Fingerprints of the trainable weights at init.
 
     Returns:
-        The audit (see ``audit.json`` in the README): ``verdict``, ``reasons``, ``params``, ``modules``,
-        ``status_counts``, ``dynamics``, ``targets``, ``modality``, ``adapter_config``, ``training``, ``model``,
-        ``released_towers``, ``sections``, ``versions``.
+        The audit (see `audit.json` in the README): `verdict`, `reasons`, `params`, `modules`, `status_counts`,
+        `dynamics`, `targets`, `modality`, `adapter_config`, `training`, `model`, `released_towers`, `sections`,
+        `versions`.
     """
-    telemetry = trainer.telemetry
-    fired = set(telemetry.fired) if telemetry is not None else set()
-    nonzero = dict(telemetry.nonzero_steps) if telemetry is not None else {}
-    model = trainer.model
-    modules = module_audits(trainer.adapters, record.compare(trainer.adapters), fired, nonzero)
-    others = other_trainable(model, trainer.adapters)
+    model = inputs.model
+    modules = module_audits(inputs.adapters, record.compare(inputs.adapters), set(inputs.fired), inputs.nonzero_steps)
+    others = other_trainable(model, inputs.adapters)
     params = param_summary(
         model,
-        trainer.tower_map,
+        inputs.tower_map,
         modules,
         others,
         record.compare_other(others),
-        trainer.released_towers,
+        inputs.released_towers,
     )
-    raw_loss = getattr(trainer, "raw_loss", None)
-    dynamics = training_dynamics(
-        trainer.state.log_history,
-        telemetry.history if telemetry is not None else [],
-        raw_loss.history if raw_loss is not None else None,
-    )
-    sections = run_sections(trainer.audit_sections)
-    missing = [a.name for a in trainer.adapters if a.name not in record.adapters]
-    verdict, reasons = decide(modules, params, dynamics, sections, trainer.state.global_step, record.lost, missing)
-    plan = trainer.target_plan
+    dynamics = training_dynamics(inputs.log_history, inputs.telemetry_history, inputs.raw_loss_history)
+    sections = run_sections(inputs.sections)
+    missing = [a.name for a in inputs.adapters if a.name not in record.adapters]
+    verdict, reasons = decide(modules, params, dynamics, sections, inputs.global_step, record.lost, missing)
+    plan = inputs.target_plan
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     audit = {
         "format_version": AUDIT_FORMAT,
@@ -165,21 +174,21 @@ def build_audit(trainer: Any, record: InitRecord) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "verdict": verdict,
         "reasons": reasons,
-        "global_step": trainer.state.global_step,
+        "global_step": inputs.global_step,
         "params": params,
         "status_counts": status_counts(modules),
         "modules": [m.to_dict() for m in modules],
         "dynamics": dynamics,
         "targets": plan.to_dict() if plan is not None else None,
-        "modality": trainer.modality_profile.to_dict(),
+        "modality": inputs.modality_profile.to_dict(),
         "adapter_config": adapter_config_summary(model),
-        "training": training_summary(trainer.args, trainer.state),
+        "training": training_summary(inputs.args, inputs.global_step, inputs.epoch),
         "model": {
             "class": type(base).__name__,
-            "name_or_path": getattr(getattr(base, "config", None), "_name_or_path", None),
-            "towers": trainer.tower_map.to_dict(),
+            "name_or_path": getattr(getattr(base, "config", None), "name_or_path", None),
+            "towers": inputs.tower_map.to_dict(),
         },
-        "released_towers": [r.to_dict() for r in trainer.released_towers],
+        "released_towers": [r.to_dict() for r in inputs.released_towers],
         "init_record": {"restored_on_resume": record.restored, "lost": record.lost},
         "sections": sections,
         "versions": versions(),

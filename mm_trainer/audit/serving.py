@@ -8,26 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..model.peft_names import module_of_key
 from ..utils.atomic import atomic_write_bytes, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_LORA_MARKERS = (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
-
-
-def module_of_key(key: str) -> str | None:
-    """Module path (as in the base model) of a LoRA tensor key of a saved PEFT adapter, ``None`` for other keys.
-
-    ``base_model.model.model.visual.blocks.0.mlp.down_proj.lora_B.weight`` -> ``model.visual.blocks.0.mlp.down_proj``.
-    """
-    for marker in _LORA_MARKERS:
-        cut = key.find(marker + ".")
-        if cut == -1 and key.endswith(marker):
-            cut = len(key) - len(marker)
-        if cut != -1:
-            name = key[:cut]
-            return name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
-    return None
 
 
 def strip_untrained(adapter_dir: Path, modules: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def _fmt(value: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run ``mm-trainer compare``."""
     from ..audit.compare import RunDirError, compare
-    from ..audit.report import jsonable
+    from ..utils.jsonable import jsonable
 
     try:
         result = compare(args.runs, args.out)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..distributed.engine import Engine
 from ..model.modality import NON_TEXT_MODALITIES, ModalityProfile, batch_modality_rows, placeholder_ids
 
 
@@ -50,31 +51,30 @@ class BatchModalityGuard:
         found = batch_modality_rows(batch, self.placeholders)
         return {m: rows for m, rows in found.items() if m not in self.profile.modalities}
 
-    def check(self, batch: Mapping[str, Any], step: int, accelerator: Any = None, defer: bool = False) -> None:
+    def check(self, batch: Mapping[str, Any], step: int, engine: Engine | None = None, defer: bool = False) -> None:
         """Raise :class:`UnseenModalityError` when ``batch`` (or, under several processes, any rank's batch) holds
         an unseen modality. Every rank must call it for every micro-batch (it holds a collective then).
 
         Args:
             batch: The micro-batch, as the model will receive it.
             step: The optimizer step it belongs to (named in the error).
-            accelerator: The trainer's accelerator; under several processes the ranks' findings are added up.
+            engine: The run's engine; under several processes the ranks' findings are added up.
             defer: Start the all-reduce and return: another rank's finding is raised by :meth:`resolve`. Only where no
                 collective runs between this call and ``resolve`` (the forward of DeepSpeed ZeRO-0/1/2).
         """
         self._pending = None  # a check whose micro-batch never reached its forward (an aborted step): nothing to read
         unseen = self.unseen(batch)
-        if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
+        if engine is None or not engine.distributed:
             if unseen:
                 raise UnseenModalityError(self._message(unseen, [], step))
             return
         flags = torch.tensor(
-            [float(m in unseen) for m in NON_TEXT_MODALITIES], dtype=torch.float32, device=accelerator.device
+            [float(m in unseen) for m in NON_TEXT_MODALITIES], dtype=torch.float32, device=engine.device
         )
         if defer and not unseen:
-            work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM, async_op=True)
-            self._pending = (work, flags, step)
+            self._pending = (engine.start_sum(flags), flags, step)
             return
-        self._raise_if_any(unseen, accelerator.reduce(flags, reduction="sum"), step)
+        self._raise_if_any(unseen, engine.sum(flags), step)
 
     @property
     def pending(self) -> bool:

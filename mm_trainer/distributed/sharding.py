@@ -71,21 +71,3 @@ def gathered(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
                 data = data.full_tensor()
             out.append(data)
         yield out
-
-
-def engine_name(trainer: Any) -> str:
-    """The engine a ``Trainer`` runs under: ``"fsdp2"``, ``"fsdp1"``, ``"deepspeed"``, ``"ddp"`` (any other multi-process
-    data parallel) or ``"single"``.
-
-    Read from what the Trainer settled at construction (``is_fsdp_enabled``, ``is_deepspeed_enabled``) and from the
-    model itself, not from accelerate's shared state, which a later ``TrainingArguments`` may reset.
-    """
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        return "deepspeed"
-    if getattr(trainer, "is_fsdp_enabled", False):
-        from torch.distributed.fsdp import FSDPModule
-
-        model = getattr(trainer, "model_wrapped", None) or trainer.model
-        fsdp2 = isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in trainer.model.modules())
-        return "fsdp2" if fsdp2 else "fsdp1"
-    return "ddp" if trainer.accelerator.num_processes > 1 else "single"

@@ -1,6 +1,6 @@
-"""``ModalityBalance``: IMoD injection and the Non-Text Dominance Rate wired into :class:`~mm_trainer.MMSFTTrainer`.
+"""``ModalityBalance``: IMoD injection and the Non-Text Dominance Rate, driven by a training loop's hooks.
 
-The trainer calls, per micro-batch, :meth:`ModalityBalance.begin_micro_step` in ``compute_loss`` before the task
+The training loop calls, per micro-batch, :meth:`ModalityBalance.begin_micro_step` in ``compute_loss`` before the task
 forward and :meth:`~ModalityBalance.after_backward` once ``training_step``'s backward is done (the loss itself is not
 changed: the constraint gradients travel inside LoRA's own ``A`` product, see :mod:`mm_trainer.imod.inject`);
 :meth:`~ModalityBalance.log_metrics` when it logs; and :meth:`~ModalityBalance.state_dict` /
@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from ..distributed.engine import Engine
 from ..model.adapters import LoraAdapter
 from ..model.modality import NON_TEXT_MODALITIES, ModalityProfile, placeholder_ids
 from .dominance import DominanceTracker, lora_linear_modules
@@ -48,13 +49,13 @@ def check_imod_data(args: Any, profile: ModalityProfile) -> None:
     )
     if args.imod_text_only == "error":
         raise ValueError(message)
-    warnings.warn(message + " Training continues as plain LoRA (imod_text_only='warn').", UserWarning, stacklevel=3)
+    warnings.warn(message + " Training continues as plain LoRA (imod_text_only='warn').", UserWarning, stacklevel=4)
 
 
 class ModalityBalance:
     """IMoD gradient injection (``imod=True``) and the dominance rate (``dominance_steps > 0``, multimodal data).
 
-    Build it with :meth:`for_trainer`.
+    Build it with :meth:`build`.
 
     Attributes:
         injector: The :class:`~mm_trainer.imod.inject.IMoDInjector` (``None`` when IMoD is off).
@@ -76,19 +77,25 @@ class ModalityBalance:
         self._warned_unused = False
 
     @classmethod
-    def for_trainer(cls, trainer: Any) -> ModalityBalance | None:
-        """The balance of a built trainer (after PEFT wrapped the model), or ``None`` when there is nothing to do.
+    def build(
+        cls, args: Any, profile: ModalityProfile, adapters: list[LoraAdapter], model: Any
+    ) -> ModalityBalance | None:
+        """The balance of a run (after PEFT wrapped the model), or ``None`` when there is nothing to do.
+
+        Args:
+            args: The training arguments (`imod`, `imod_*`, `dominance_steps`, `seed`, `n_gpu`).
+            profile: The training data's modality profile.
+            adapters: The run's LoRA adapters.
+            model: The PEFT-wrapped model (its config names the placeholder tokens).
 
         Raises:
             ValueError: ``imod=True`` without LoRA adapters on the language model, with DoRA, or with
                 ``torch.nn.DataParallel``.
         """
-        args = trainer.args
-        profile: ModalityProfile = trainer.modality_profile
-        candidates = [a for a in trainer.adapters if a.tower == "language" and lora_linear_modules(a) is not None]
+        candidates = [a for a in adapters if a.tower == "language" and lora_linear_modules(a) is not None]
         imod_on = bool(args.imod) and not profile.text_only
         # Token positions come from placeholder ids: without them no batch can be split into modalities.
-        known = placeholder_ids(trainer.model.config)
+        known = placeholder_ids(model.config)
         unknown = sorted(m for m in profile.modalities if m in NON_TEXT_MODALITIES and m not in known)
         injector = None
         if imod_on:
@@ -98,9 +105,9 @@ class ModalityBalance:
                     "tokens, but the model config names none (e.g. `image_token_id`). Set it on the config, e.g. "
                     "`model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids('<image>')`."
                 )
-            _check_imod_model(trainer, candidates)
+            _check_imod_model(adapters, candidates, model, args.n_gpu)
             seed = args.imod_seed if args.imod_seed is not None else args.seed
-            masks = IMoDMasks.build(candidates, trainer.model, seed, args.imod_shared_ratio, args.imod_alpha)
+            masks = IMoDMasks.build(candidates, model, seed, args.imod_shared_ratio, args.imod_alpha)
             injector = IMoDInjector(candidates, masks, args.imod_lambda_msd, args.imod_lambda_ma)
         dominance = None
         if args.dominance_steps > 0 and not profile.text_only and candidates:
@@ -126,23 +133,29 @@ class ModalityBalance:
         """Whether optimizer step ``step`` (1-based) is one the dominance rate is measured on."""
         return self.dominance is not None and (step == 1 or step % self.dominance_steps == 0)
 
-    def begin_micro_step(self, trainer: Any, inputs: dict[str, Any]) -> None:
-        """Arm IMoD and the dominance hooks for the micro-batch ``inputs`` (call in ``compute_loss``, before the forward).
+    def begin_micro_step(self, inputs: dict[str, Any], step: int, accumulation_steps: int, config: Any) -> None:
+        """Arm IMoD and the dominance hooks for the micro-batch ``inputs`` (call before the forward).
 
         They stay armed through the backward, until :meth:`after_backward` (or :meth:`abort_micro_step` when the
         forward or backward raised).
+
+        Args:
+            inputs: The micro-batch.
+            step: The optimizer step it belongs to (1-based).
+            accumulation_steps: Micro-batches in this optimizer step.
+            config: The model config (placeholder token ids).
         """
-        measure = self.measures(trainer.state.global_step + 1)
+        measure = self.measures(step)
         if self.injector is None and not measure:
             return
-        layout = TokenLayout.from_batch(inputs, trainer.model.config)
+        layout = TokenLayout.from_batch(inputs, config)
         if self.injector is not None:
-            self.injector.arm(layout, self.constraint_scale(trainer))
+            self.injector.arm(layout, self.constraint_scale(accumulation_steps))
         if measure:
             self.dominance.arm(layout)
 
     @staticmethod
-    def constraint_scale(trainer: Any) -> float:
+    def constraint_scale(accumulation_steps: int) -> float:
         """Factor of a micro-batch's constraint gradient: ``1 / (micro-batches in this optimizer step)``.
 
         The injected gradient never passes through the loss, so neither ``Trainer``'s division of the loss by the
@@ -151,10 +164,7 @@ class ModalityBalance:
         over its sequences; times ``1 / GA`` and averaged over ranks by DDP like every gradient, the step injects the
         mean over all its micro-batches, whichever way TRL normalises the task loss.
         """
-        steps = (
-            getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
-        )
-        return 1.0 / steps
+        return 1.0 / accumulation_steps
 
     def abort_micro_step(self) -> None:
         """Disarm IMoD and the dominance hooks after a forward or backward that raised (``training_step`` does).
@@ -167,32 +177,33 @@ class ModalityBalance:
         if self.dominance is not None:
             self.dominance.disarm()
 
-    def after_backward(self, trainer: Any) -> None:
-        """Disarm after ``training_step``'s backward; on the last micro-batch of a measured step, finish the rate."""
+    def after_backward(self, step: int, step_done: bool, engine: Engine) -> None:
+        """Disarm after the micro-batch's backward; on the last micro-batch of a measured step, finish the rate.
+
+        Args:
+            step: The optimizer step (1-based).
+            step_done: Whether this was the step's last micro-batch (its gradients are complete).
+            engine: The run's engine (the Fisher sums are added over its ranks).
+        """
         if self.injector is not None:
             self.injector.disarm()
         if self.dominance is None or not self.dominance.measuring:
             return
         self.dominance.disarm()
-        if trainer.accelerator.sync_gradients:
-            reduce = None
-            if trainer.accelerator.num_processes > 1:
-                reduce = lambda t: trainer.accelerator.reduce(t, reduction="sum")  # noqa: E731
-            self.dominance.finish_step(trainer.state.global_step + 1, reduce)
+        if step_done:
+            self.dominance.finish_step(step, engine.sum if engine.distributed else None)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Logging, audit, checkpoint
     # ---------------------------------------------------------------------------------------------------------------
-    def log_metrics(self, trainer: Any) -> dict[str, float]:
+    def log_metrics(self, engine: Engine) -> dict[str, float]:
         """``imod/msd``, ``imod/ma`` (means since the last log, over ranks) and ``dominance/non_text_rate``.
 
-        Runs a collective under DDP: call it on every rank (``Trainer.log`` of a training log is).
+        Runs a collective under several ranks: call it on every rank (``Trainer.log`` of a training log is).
         """
         logs: dict[str, float] = {}
         if self.injector is not None:
-            sums = self.injector.pop_metrics(trainer.args.device)
-            if trainer.accelerator.num_processes > 1:
-                sums = trainer.accelerator.reduce(sums, reduction="sum")
+            sums = engine.sum(self.injector.pop_metrics(engine.device))
             msd_sum, msd_n, ma_sum, ma_n = sums.tolist()
             if msd_n:
                 logs["imod/msd"] = msd_sum / msd_n
@@ -205,7 +216,7 @@ class ModalityBalance:
         return logs
 
     def audit_sections(self) -> dict[str, Callable[[], dict[str, Any]]]:
-        """Sections for ``trainer.audit_sections``: ``imod`` (when on) and ``dominance`` (when measured)."""
+        """Audit sections: ``imod`` (when on) and ``dominance`` (when measured)."""
         sections: dict[str, Callable[[], dict[str, Any]]] = {}
         if self.injector is not None:
             sections["imod"] = self._imod_audit
@@ -292,26 +303,26 @@ class ModalityBalance:
         logger.warning(message)
 
 
-def _check_imod_model(trainer: Any, candidates: list) -> None:
+def _check_imod_model(adapters: list[LoraAdapter], candidates: list, model: Any, n_gpu: int) -> None:
     """IMoD needs plain LoRA ``Linear`` adapters on the language model, and DDP rather than ``DataParallel``."""
-    if not trainer.adapters:
+    if not adapters:
         raise ValueError(
             "imod=True needs LoRA adapters: pass `peft_config=LoraConfig(...)` (IMoD splits each LoRA A matrix)."
         )
     if not candidates:
-        towers = sorted({a.tower for a in trainer.adapters})
+        towers = sorted({a.tower for a in adapters})
         raise ValueError(
-            f"imod=True constrains LoRA Linear layers of the language model, but all {len(trainer.adapters)} adapters "
+            f"imod=True constrains LoRA Linear layers of the language model, but all {len(adapters)} adapters "
             f"sit on {towers}. Include language-model modules in `target_modules` (e.g. `q_proj`, `v_proj`) and "
             '`"language"` in `target_towers`.'
         )
-    peft_configs = getattr(trainer.model, "peft_config", {}) or {}
+    peft_configs = getattr(model, "peft_config", {}) or {}
     if any(getattr(c, "use_dora", False) for c in peft_configs.values()):
         raise ValueError(
             "imod=True is defined for plain LoRA (W + s·BA); DoRA rescales the update by a learned magnitude. Set "
             "`use_dora=False` in the LoraConfig or `imod=False`."
         )
-    if trainer.args.n_gpu > 1:
+    if n_gpu > 1:
         raise ValueError(
             "imod=True does not support torch.nn.DataParallel (several GPUs in one process). Launch one process per "
             "GPU with `accelerate launch` or `torchrun` (DDP)."

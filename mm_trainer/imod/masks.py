@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..model.adapters import LoraAdapter
-from ..model.towers import strip_peft_prefix
+from ..model.peft_names import strip_peft_prefix
 
 TEXT_ZONE, NON_TEXT_ZONE, SHARED_ZONE = 0, 1, 2
 """Zone codes of an element of ``A``: text-exclusive (``M_t``), non-text-exclusive (``M_o``), shared (``M_s``)."""

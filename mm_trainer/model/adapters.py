@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..distributed.sharding import full_numel
-from .towers import TowerMap, strip_peft_prefix
+from .peft_names import strip_peft_prefix
+from .towers import TowerMap
 
 
 @dataclass

@@ -19,7 +19,6 @@ setup are restored afterwards, so training starts exactly as it would without th
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import math
@@ -30,9 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..upstream import require_grads_hooks, restore_require_grads_hooks
 from .modality import batch_modalities, row_modalities
 
 logger = logging.getLogger(__name__)
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+"""torch's convolutions (their lazy variants subclass them): a rank-1 stand-in cannot project their input."""
 
 
 @dataclass
@@ -183,7 +186,7 @@ class _LoraStandIn:
                 self.a = torch.randn(module.num_embeddings, generator=self.generator).to(module.weight.device)
             self.nonzero_input = True  # a looked-up row is an input the adapter can learn from
             return self.a[x]
-        if not x.is_floating_point() or x.dim() == 0 or isinstance(module, nn.modules.conv._ConvNd):
+        if not x.is_floating_point() or x.dim() == 0 or isinstance(module, _CONVOLUTIONS):
             return None
         if self.a is None:
             self.a = torch.randn(x.shape[-1], generator=self.generator).to(x.device)
@@ -343,8 +346,6 @@ class _CheckpointingSwitch:
     Enabling also hooks the input embeddings so their output requires grad; the hooks the probe adds are removed.
     """
 
-    _HOOK_ATTRS = ("_require_grads_hooks", "_require_grads_hook")
-
     def __init__(self, model: nn.Module, settings: ProbeSettings) -> None:
         self.model = model
         self.new_api = hasattr(model, "activation_checkpointing_enable")
@@ -356,7 +357,7 @@ class _CheckpointingSwitch:
             and not getattr(model, state_attr, False)
         )
         self.kwargs = dict(settings.activation_checkpointing_kwargs or {})
-        self.hooks_before = {attr: getattr(model, attr, None) for attr in self._HOOK_ATTRS}
+        self.hooks_before = require_grads_hooks(model)
         self.enabled = False
 
     def enable(self) -> None:
@@ -380,27 +381,8 @@ class _CheckpointingSwitch:
             self.model.activation_checkpointing_disable()
         else:
             self.model.gradient_checkpointing_disable()
-        before = {id(h) for h in _handles(self.hooks_before)}
-        now = {attr: getattr(self.model, attr, None) for attr in self._HOOK_ATTRS}
-        for handle in _handles(now):
-            if id(handle) not in before:
-                handle.remove()
-        for attr, value in self.hooks_before.items():
-            if value is None:
-                if hasattr(self.model, attr):
-                    delattr(self.model, attr)
-            else:
-                setattr(self.model, attr, value)
+        restore_require_grads_hooks(self.model, self.hooks_before)
         self.enabled = False
-
-
-def _handles(hooks: Mapping[str, Any]) -> list[Any]:
-    out = []
-    for value in hooks.values():
-        for handle in value if isinstance(value, list) else [value] if value is not None else []:
-            if all(handle is not h for h in out):
-                out.append(handle)
-    return out
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -444,11 +426,6 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Building a probe batch from raw dataset rows, before TRL tokenizes the dataset.
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def choose_probe_rows(rows: Sequence[Mapping[str, Any]], k: int) -> list[dict[str, Any]]:
     """Pick up to ``k`` rows that together cover every modality present in ``rows`` (text-only rows included)."""
     if k < 1:
@@ -466,215 +443,3 @@ def choose_probe_rows(rows: Sequence[Mapping[str, Any]], k: int) -> list[dict[st
             chosen.append(by_kind[kind].pop(0))
         i += 1
     return [dict(r) for r in chosen]
-
-
-def build_probe_batch(
-    rows: Sequence[Mapping[str, Any]],
-    processing_class: Any,
-    *,
-    dataset_text_field: str = "text",
-    max_length: int | None = 512,
-    padding_free: bool = False,
-    pad_to_multiple_of: int | None = None,
-    completion_only_loss: bool | None = None,
-    model_config: Any = None,
-) -> dict[str, Any]:
-    """Collate raw dataset rows into a model batch, the way TRL will at training time.
-
-    Rows with images go through TRL's ``DataCollatorForVisionLanguageModeling``; rows with audio through the
-    processor's ``audio=`` argument; text rows are tokenized (``input_ids``, chat ``messages``, ``prompt`` /
-    ``completion`` or a text field, with the EOS TRL appends to plain text) and go through TRL's
-    ``DataCollatorForLanguageModeling``, with the trainer's padding settings.
-
-    Args:
-        rows: Raw rows of the training dataset.
-        processing_class: The tokenizer or processor given to the trainer.
-        dataset_text_field: Column holding plain text.
-        max_length: Truncate each sequence to this many tokens (``None``: no truncation).
-        padding_free: The trainer's padding-free mode (one flattened sequence, no attention mask).
-        pad_to_multiple_of: The trainer's ``pad_to_multiple_of``.
-        completion_only_loss: Loss on the completion only for prompt-completion rows (``None``: as TRL, on when
-            the rows have ``prompt`` and ``completion``).
-        model_config: The model's config; video rows get a probe clip built from it (see
-            :mod:`mm_trainer.model.video_probe`).
-
-    Returns:
-        A batch with ``input_ids``, ``attention_mask``, ``labels`` and media features where present.
-    """
-    if not rows:
-        raise ValueError("No rows to build a probe batch from.")
-    kinds = set().union(*(row_modalities(r) for r in rows))
-    if "audio" in kinds:
-        return _audio_batch(rows, processing_class, max_length)
-    if "image" in kinds:
-        return _vision_batch(
-            rows, processing_class, dataset_text_field, max_length, pad_to_multiple_of, completion_only_loss
-        )
-    if "video" in kinds:
-        if model_config is None:
-            raise NotImplementedError("Probing video rows needs the model config; set `target_probe=False`.")
-        from .video_probe import add_video  # video rows: a clip built from the config (no video processor here)
-
-        text = _text_batch(rows, processing_class, dataset_text_field, max_length, False, None, completion_only_loss)
-        return add_video(text, rows, model_config)
-    return _text_batch(
-        rows, processing_class, dataset_text_field, max_length, padding_free, pad_to_multiple_of, completion_only_loss
-    )
-
-
-def _tokenizer_of(processing_class: Any) -> Any:
-    return getattr(processing_class, "tokenizer", processing_class)
-
-
-def _text_batch(
-    rows,
-    processing_class,
-    text_field: str,
-    max_length: int | None,
-    padding_free: bool,
-    pad_to_multiple_of: int | None,
-    completion_only_loss: bool | None,
-) -> dict[str, Any]:
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    tokenizer = _tokenizer_of(processing_class)
-    examples = []
-    for row in rows:
-        ids, prompt_len = _row_ids(row, tokenizer, text_field)
-        if max_length is not None:
-            ids = ids[:max_length]
-        labels = list(ids)
-        only_completion = completion_only_loss if completion_only_loss is not None else prompt_len > 0
-        if only_completion and prompt_len:
-            labels[:prompt_len] = [-100] * min(prompt_len, len(labels))
-        examples.append({"input_ids": ids, "labels": labels})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    collator = DataCollatorForLanguageModeling(
-        pad_token_id=pad_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
-    )
-    return dict(collator(examples))
-
-
-def _as_ids(encoded: Any) -> list[int]:
-    if isinstance(encoded, Mapping):
-        encoded = encoded["input_ids"]
-    if torch.is_tensor(encoded):
-        encoded = encoded.tolist()
-    if encoded and isinstance(encoded[0], list):
-        encoded = encoded[0]
-    return list(encoded)
-
-
-def _row_ids(row: Mapping[str, Any], tokenizer: Any, text_field: str) -> tuple[list[int], int]:
-    """Token ids of a row as TRL tokenizes it, and the length of its prompt (0 when it has none)."""
-    if "input_ids" in row:
-        return list(row["input_ids"]), 0
-    if "messages" in row:
-        return _as_ids(tokenizer.apply_chat_template(_text_only(row["messages"]), tokenize=True)), 0
-    if "prompt" in row and "completion" in row:
-        prompt, completion = row["prompt"], row["completion"]
-        if isinstance(prompt, list):
-            prompt_ids = _as_ids(
-                tokenizer.apply_chat_template(_text_only(prompt), tokenize=True, add_generation_prompt=True)
-            )
-            ids = _as_ids(tokenizer.apply_chat_template(_text_only(prompt + completion), tokenize=True))
-            return ids, len(prompt_ids)
-        eos = tokenizer.eos_token or ""
-        completion = completion if completion.endswith(eos) else completion + eos
-        prompt_ids = _as_ids(tokenizer(prompt, add_special_tokens=False))
-        return prompt_ids + _as_ids(tokenizer(completion, add_special_tokens=False)), len(prompt_ids)
-    if text_field in row:
-        text, eos = row[text_field], tokenizer.eos_token or ""
-        return _as_ids(tokenizer(text if text.endswith(eos) else text + eos)), 0
-    raise KeyError(
-        f"Cannot build a probe batch from a row with keys {sorted(row)}: expected 'input_ids', 'messages', "
-        f"'prompt'+'completion' or '{text_field}'. Set `dataset_text_field`, or `target_probe=False` to map by "
-        "structure only."
-    )
-
-
-def _text_only(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages with list contents flattened to their text parts (a text tokenizer's template wants strings)."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(str(p.get("text") or "") for p in content if isinstance(p, Mapping))
-        out.append({**m, "content": content})
-    return out
-
-
-def _vision_batch(
-    rows,
-    processor: Any,
-    text_field: str,
-    max_length: int | None,
-    pad_to_multiple_of: int | None,
-    completion_only_loss: bool | None,
-) -> dict[str, Any]:
-    from transformers import ProcessorMixin
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-    if not isinstance(processor, ProcessorMixin):
-        raise ValueError(
-            "The dataset holds images but `processing_class` is a tokenizer, not a processor: images cannot be "
-            "turned into pixels. Pass the model's processor (e.g. `AutoProcessor.from_pretrained(...)`)."
-        )
-    examples = []
-    for row in rows:
-        example = {k: copy.deepcopy(v) if k in ("messages", "prompt", "completion") else v for k, v in row.items()}
-        if "image" in example:
-            image = example.pop("image")
-            example["images"] = [image] if image is not None else []
-        example.setdefault("images", [])
-        example["images"] = [im for im in example["images"] if im is not None]
-        examples.append(example)
-    if completion_only_loss is None:
-        completion_only_loss = all("prompt" in e and "completion" in e for e in examples)
-    collator = DataCollatorForVisionLanguageModeling(
-        processor=processor,
-        max_length=max_length,
-        dataset_text_field=text_field,
-        pad_to_multiple_of=pad_to_multiple_of,
-        completion_only_loss=completion_only_loss,
-    )
-    return dict(collator(examples))
-
-
-def _audio_batch(rows, processor: Any, max_length: int | None) -> dict[str, Any]:
-    from transformers import ProcessorMixin
-
-    if not isinstance(processor, ProcessorMixin):
-        raise ValueError(
-            "The dataset holds audio but `processing_class` is a tokenizer, not a processor. Pass the model's "
-            "processor (e.g. `AutoProcessor.from_pretrained(...)`)."
-        )
-    texts, audios = [], []
-    sampling_rate = None
-    for row in rows:
-        messages = row.get("messages")
-        if messages is None:
-            texts.append(str(row.get("text", "")))
-        else:
-            texts.append(processor.apply_chat_template(messages, tokenize=False))
-        for column in ("audio", "audios"):
-            value = row.get(column)
-            if value is None:
-                continue
-            for clip in value if isinstance(value, list) else [value]:
-                if isinstance(clip, Mapping):
-                    sampling_rate = clip.get("sampling_rate", sampling_rate)
-                    clip = clip.get("array")
-                audios.append(clip)
-    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-    if audios:
-        kwargs["audio"] = audios
-        if sampling_rate is not None:
-            kwargs["sampling_rate"] = sampling_rate
-    encoded = dict(processor(**kwargs))
-    input_ids = encoded["input_ids"]
-    attention_mask = encoded.get("attention_mask", torch.ones_like(input_ids))
-    if max_length is not None and input_ids.shape[1] > max_length:
-        logger.info("Probe batch longer than %d tokens is kept whole: audio placeholders must stay.", max_length)
-    encoded["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
-    return encoded

@@ -93,6 +93,16 @@ def _refuse(path: str, module_class: str) -> Any:
     return hook
 
 
+def _own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters registered on `module` itself (not its children), shared ones under each name."""
+    return list(module.named_parameters(recurse=False, remove_duplicate=False))
+
+
+def _own_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers registered on `module` itself (not its children), shared ones under each name."""
+    return list(module.named_buffers(recurse=False, remove_duplicate=False))
+
+
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device)
 
@@ -121,9 +131,7 @@ def release_towers(model: nn.Module, roots: list[tuple[str, str]]) -> list[Relea
         replaced: dict[int, torch.Tensor] = {}  # old tensor id -> its empty stand-in (keeps ties inside the tower)
         params = nbytes = kept = 0
         for module in root.modules():
-            for name, p in list(module._parameters.items()):
-                if p is None:
-                    continue
+            for name, p in _own_parameters(module):
                 if id(p) in outside:
                     kept += 1
                     continue
@@ -131,17 +139,15 @@ def release_towers(model: nn.Module, roots: list[tuple[str, str]]) -> list[Relea
                     params += p.numel()
                     nbytes += p.numel() * p.element_size()
                     replaced[id(p)] = nn.Parameter(_empty_like(p), requires_grad=False)
-                module._parameters[name] = replaced[id(p)]
-            for name, b in list(module._buffers.items()):
-                if b is None:
-                    continue
+                setattr(module, name, replaced[id(p)])  # nn.Module keeps it registered as a parameter
+            for name, b in _own_buffers(module):
                 if id(b) in outside:
                     kept += 1
                     continue
                 if id(b) not in replaced:
                     nbytes += b.numel() * b.element_size()
                     replaced[id(b)] = _empty_like(b)
-                module._buffers[name] = replaced[id(b)]
+                setattr(module, name, replaced[id(b)])  # and as a buffer (persistent or not, as it was)
         module_class = type(root).__name__
         hooks = [m.register_forward_pre_hook(_refuse(path, module_class), with_kwargs=True) for m in root.modules()]
         records.append(ReleaseRecord(path, tower, module_class, params, nbytes, kept, hooks))
@@ -204,14 +210,14 @@ def release_unloaded_towers(model: nn.Module, roots: list[tuple[str, str]]) -> l
     for path, _ in roots:
         stand_ins: dict[int, torch.Tensor] = {}
         for module in model.get_submodule(path).modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None and p.is_meta:
+            for name, p in _own_parameters(module):
+                if p.is_meta:
                     if id(p) not in stand_ins:
                         stand_ins[id(p)] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), False)
-                    module._parameters[name] = stand_ins[id(p)]
-            for name, b in list(module._buffers.items()):
-                if b is not None and b.is_meta:
+                    setattr(module, name, stand_ins[id(p)])
+            for name, b in _own_buffers(module):
+                if b.is_meta:
                     if id(b) not in stand_ins:
                         stand_ins[id(b)] = torch.empty(0, dtype=b.dtype, device=device)
-                    module._buffers[name] = stand_ins[id(b)]
+                    setattr(module, name, stand_ins[id(b)])
     return records

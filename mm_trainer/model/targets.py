@@ -12,14 +12,14 @@ from typing import Any
 
 from torch import nn
 
+from .matching import ALL_LINEAR, expert_groups, matched_modules, matched_parameters, with_default_targets
 from .modality import ModalityProfile
 from .probe import ProbeResult
-from .towers import TOWERS, TowerMap, is_linear, map_towers
+from .towers import TOWERS, TowerMap, map_towers
 
 logger = logging.getLogger(__name__)
 
 DEAD_TARGET_POLICIES: tuple[str, ...] = ("drop", "warn", "error")
-ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -165,83 +165,6 @@ def validate_target_towers(target_towers: str | Sequence[str]) -> str | list[str
     return towers
 
 
-def expand_all_linear(model: nn.Module, peft_config: Any) -> Any:
-    """A shallow copy of ``peft_config`` whose ``"all-linear"`` is expanded to module paths, with PEFT's rules.
-
-    PEFT documents ``target_modules="all-linear"`` as every ``nn.Linear`` / ``Conv1D`` module except the output
-    layer of a ``PreTrainedModel`` (and, for ``task_type="SEQ_CLS"`` models without one, the classifier head). Other
-    configs are returned as they are. ``tests/test_targets.py`` checks the expansion against the modules PEFT adapts.
-    """
-    targets = getattr(peft_config, "target_modules", None)
-    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
-        return peft_config
-    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-    from transformers import PreTrainedModel
-    from transformers.pytorch_utils import Conv1D
-
-    linears = {name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
-    heads: list[nn.Module] = []
-    if isinstance(model, PreTrainedModel):
-        output = model.get_output_embeddings()
-        if output is not None:
-            heads.append(output)
-        elif getattr(peft_config, "task_type", None) == "SEQ_CLS":
-            heads.extend([h for h in (getattr(model, n, None) for n in SEQ_CLS_HEAD_NAMES) if h is not None][:1])
-    head_names = {name for name, module in model.named_modules() if any(module is h for h in heads)}
-    expanded = copy.copy(peft_config)
-    expanded.target_modules = linears - head_names
-    return expanded
-
-
-def _with_default_targets(model: nn.Module, peft_config: Any) -> Any:
-    """``peft_config`` with PEFT's default ``target_modules`` for the model type filled in when none are set."""
-    if getattr(peft_config, "target_modules", None) is not None or getattr(peft_config, "target_parameters", None):
-        return peft_config
-    default = _default_targets(model)
-    if default is None:
-        raise ValueError(
-            f"`target_modules` is not set and PEFT has no default targets for model type "
-            f"{getattr(getattr(model, 'config', None), 'model_type', '?')!r}. Set `target_modules`, e.g. "
-            '`"all-linear"` or `["q_proj", "v_proj"]`.'
-        )
-    filled = copy.copy(peft_config)
-    filled.target_modules = set(default)
-    return filled
-
-
-def matched_modules(model: nn.Module, peft_config: Any) -> list[str]:
-    """Paths of the modules PEFT would adapt for ``peft_config`` on ``model``, in model order.
-
-    The matching is PEFT's own (``peft.tuners.tuners_utils.check_target_module_exists``: full-path regex, exact path
-    or ``.suffix``, ``layers_to_transform`` / ``layers_pattern``, ``exclude_modules``, ``modules_to_save``), after
-    ``"all-linear"`` is expanded as PEFT does (:func:`expand_all_linear`). When ``target_modules`` is unset, PEFT's
-    default targets for the model type are used, falling back to those of its text model (PEFT itself knows few
-    multimodal model types).
-    """
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    config = expand_all_linear(model, _with_default_targets(model, peft_config))
-    if getattr(config, "target_modules", None) is None:
-        return []  # target_parameters only
-    return [name for name, _ in model.named_modules() if name and bool(check_target_module_exists(config, name))]
-
-
-def matched_parameters(model: nn.Module, peft_config: Any) -> list[str]:
-    """``module.parameter`` keys that ``peft_config.target_parameters`` selects, with PEFT's rule (the key, or a
-    ``.suffix`` of it, is listed), each parameter taken on the lowest module that holds it."""
-    targets = getattr(peft_config, "target_parameters", None)
-    if not targets:
-        return []
-    wanted = set(targets)
-    keys = []
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            key = f"{module_name}.{param_name}" if module_name else param_name
-            if key in wanted or any(key.endswith(f".{t}") for t in wanted):
-                keys.append(key)
-    return keys
-
-
 def _parameter_lora_params(model: nn.Module, key: str, rank: int) -> int:
     """LoRA parameters PEFT adds on a targeted parameter: per expert (leading dims) ``rank x (in + out)``."""
     param = model.get_parameter(key)
@@ -251,33 +174,6 @@ def _parameter_lora_params(model: nn.Module, key: str, rank: int) -> int:
     for size in param.shape[:-2]:
         experts *= int(size)
     return rank * (int(param.shape[-1]) + int(param.shape[-2])) * experts
-
-
-def expert_groups(model: nn.Module) -> dict[str, str]:
-    """Linear layers of per-expert ``ModuleList``s, each mapped to its MoE block (the list's parent module).
-
-    A list of at least two modules of one class is a set of experts when it is named so (``experts``) or when its
-    parent holds a router: a module whose 2-D ``weight`` has one row per list entry (``gate``: hidden -> experts). A
-    stack of decoder layers has no such sibling, so its layers are never grouped.
-    """
-    groups: dict[str, str] = {}
-    modules = dict(model.named_modules())
-    for path, module in modules.items():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(m) for m in module}) != 1:
-            continue
-        parent_path, _, leaf = path.rpartition(".")
-        parent = modules.get(parent_path, model)
-        routed = any(
-            c is not module and getattr(c, "weight", None) is not None and c.weight.dim() == 2
-            and int(c.weight.shape[0]) == len(module)
-            for c in parent.children()
-        )  # fmt: skip
-        if "expert" not in leaf.lower() and not routed:
-            continue
-        for sub, child in module.named_modules():
-            if sub and is_linear(child):
-                groups[f"{path}.{sub}"] = parent_path
-    return groups
 
 
 def _block_reached(block: str, probe: ProbeResult | None) -> bool:
@@ -291,20 +187,6 @@ def _reached_blocks(groups: dict[str, str], probe: ProbeResult | None) -> set[st
     if probe is None:
         return set()
     return {block for block in set(groups.values()) if _block_reached(block, probe)}
-
-
-def _default_targets(model: nn.Module) -> list[str] | None:
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
-
-    config = getattr(model, "config", None)
-    types = [getattr(config, "model_type", None)]
-    get_text = getattr(config, "get_text_config", None)
-    if callable(get_text):
-        types.append(getattr(get_text(), "model_type", None))
-    for model_type in types:
-        if model_type in mapping:
-            return list(mapping[model_type])
-    return None
 
 
 def _user_named(targets: Any, leaf: str | None) -> bool:
@@ -373,7 +255,7 @@ def resolve_targets(
         if not params:  # target_parameters that match nothing: PEFT reports it
             return TargetPlan(peft_config, [], list(TOWERS), towers_setting, profile, tower_map, probe, rank, None)
     else:
-        user_targets = _with_default_targets(model, peft_config).target_modules
+        user_targets = with_default_targets(model, peft_config).target_modules
     matched = matched_modules(model, peft_config) if user_targets is not None else []
     # Per-expert linears are judged with their MoE block: a probe batch of a few rows routes tokens to a few experts
     # only, and an expert it missed trains on other batches.

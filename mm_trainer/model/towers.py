@@ -18,13 +18,14 @@ Inside a vision or audio tower, a child named like a merger/projector (Qwen's ``
 from __future__ import annotations
 
 import inspect
-import re
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from .layers import is_linear, is_quantized_linear, is_tuner_layer, linear_params, linear_shape
+from .peft_names import strip_peft_prefix
 
 TOWERS: tuple[str, ...] = ("language", "vision", "audio", "projector", "output", "other")
 """Every tower name a module can be assigned to."""
@@ -54,47 +55,6 @@ _GENERATOR_WORDS = ("talker", "2wav", "vocoder", "codec")
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "images", "image", "video")
 _AUDIO_INPUTS = ("input_features", "audio_values", "input_audio_features", "audio_features", "input_values")
 _TOKEN_INPUTS = ("input_ids", "inputs_embeds")
-
-
-def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear layer LoRA can adapt.
-
-    ``nn.Linear`` and its subclasses (bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` derive from it) and
-    transformers' GPT-2 style ``Conv1D``. PEFT tuner layers that already wrap a linear layer are not counted again.
-    """
-    if _is_tuner_layer(module):
-        return False
-    if isinstance(module, nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _is_tuner_layer(module: nn.Module) -> bool:
-    if "peft" not in sys.modules:  # no PEFT layer can exist before peft is imported; keeps the CLI start fast
-        return False
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return isinstance(module, BaseTunerLayer)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear layer, also for packed 4-bit weights and ``Conv1D``."""
-    if isinstance(module, nn.Linear):
-        return int(module.in_features), int(module.out_features)
-    weight = module.weight  # Conv1D stores (in, out)
-    return int(weight.shape[0]), int(module.nf)
-
-
-def linear_params(module: nn.Module) -> int:
-    """Number of parameters of a linear layer as if unquantized (a 4-bit layer stores two weights per byte)."""
-    fan_in, fan_out = linear_shape(module)
-    bias = getattr(module, "bias", None)
-    return fan_in * fan_out + (fan_out if bias is not None else 0)
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer."""
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 @dataclass(frozen=True)
@@ -169,14 +129,6 @@ class TowerMap:
             "input_embedding": self.input_embedding_name,
             "linear_counts": self.linear_counts(),
         }
-
-
-_PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
-
-
-def strip_peft_prefix(name: str) -> str:
-    """Module path as in the base model, for a path taken from a ``PeftModel``."""
-    return _PEFT_PREFIX.sub("", name)
 
 
 _OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
@@ -444,7 +396,7 @@ def map_towers(model: nn.Module) -> TowerMap:
         if inside_tuner is not None and path.startswith(inside_tuner):
             continue  # the base layer and lora_A / lora_B inside a PEFT layer
         inside_tuner = None
-        if _is_tuner_layer(module):
+        if is_tuner_layer(module):
             inside_tuner = path + "."
             module = getattr(module, "base_layer", None)
             if module is None or not is_linear(module):

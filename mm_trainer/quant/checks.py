@@ -7,9 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.layers import PARAMS_4BIT, is_4bit_linear, is_quantized_linear
+from ..upstream import bnb_config_loads_4bit
 from .layers import dtype_name, keep_4bit_layers_trainable
 
-_PLAIN_PARAMETERS = ("Parameter", "Tensor", "Params4bit", "DTensor")
+_PLAIN_PARAMETERS = ("Parameter", "Tensor", PARAMS_4BIT, "DTensor")
 _QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 _OTHER_QUANTIZED_LAYERS = ("QuantLinear", "WQLinear", "HQQLinear", "QLinear", "FP8Linear", "Int8Linear", "Int4Linear")
 
@@ -123,16 +125,16 @@ def quantization_method(model: nn.Module) -> str | None:
         data = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
         method = str(getattr(data.get("quant_method"), "value", data.get("quant_method")) or "unknown")
         if method == "bitsandbytes":
-            if data.get("load_in_4bit") or data.get("_load_in_4bit"):
+            if bnb_config_loads_4bit(data):
                 return "bnb-4bit"
             return "bnb-8bit"
         return method
     found: set[str] = set()
     for module in model.modules():
         name = type(module).__name__
-        if name == "Linear4bit":
+        if is_4bit_linear(module):
             found.add("bnb-4bit")
-        elif name == "Linear8bitLt":
+        elif is_quantized_linear(module):
             found.add("bnb-8bit")
         elif any(tag in name for tag in _OTHER_QUANTIZED_LAYERS):
             found.add(name)

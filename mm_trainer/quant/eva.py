@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed.engine import Engine
 from ..model.adapters import lora_adapters
+from ..model.peft_names import peft_path
 from ..model.towers import TowerMap
 
 logger = logging.getLogger(__name__)
@@ -115,17 +117,12 @@ def _fired_on(model: nn.Module, batch: dict[str, Any], names: list[str]) -> set[
     return fired
 
 
-def _agree_across_ranks(names: list[str], local: set[str]) -> set[str]:
+def _agree_across_ranks(names: list[str], local: set[str], engine: Engine | None) -> set[str]:
     """The names in ``local`` on every rank (EVA gathers layer inputs across ranks: all must hook the same layers)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if engine is None or not engine.distributed:
         return set(local)
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flags = torch.tensor([n in local for n in names], dtype=torch.int32, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    return {n for n, f in zip(names, flags.tolist()) if f}
+    flags = engine.sum(torch.tensor([n in local for n in names], dtype=torch.int32, device=engine.device))
+    return {n for n, f in zip(names, flags.tolist()) if f == engine.world_size}
 
 
 def _batches(dataloader: Any, limit: int) -> list[dict[str, Any]]:
@@ -148,6 +145,7 @@ def initialize_eva(
     show_progress_bar: bool = True,
     adapter_name: str = "default",
     max_batches: int = EVA_MAX_BATCHES,
+    engine: Engine | None = None,
 ) -> EvaReport | None:
     """EVA-initialise the adapters of ``peft_model`` that every batch of ``dataloader`` reaches.
 
@@ -160,6 +158,8 @@ def initialize_eva(
         show_progress_bar: PEFT's convergence progress bar.
         adapter_name: The PEFT adapter.
         max_batches: Batches EVA cycles over.
+        engine: The run's engine: under several ranks, the adapters EVA initialises are those every rank's first
+            batch runs.
 
     Returns:
         The :class:`EvaReport`, or ``None`` when the config does not ask for EVA.
@@ -195,7 +195,7 @@ def initialize_eva(
     peft_model.eval()
     with peft_model.disable_adapter():
         fired = _fired_on(inner, batches[0], [a.name for a in candidates])
-    fired = _agree_across_ranks([a.name for a in candidates], fired)
+    fired = _agree_across_ranks([a.name for a in candidates], fired, engine)
     for adapter in [a for a in candidates if a.name not in fired]:
         report.standard_init[adapter.name] = "did not run on the first EVA batch"
     candidates = [a for a in candidates if a.name in fired]
@@ -232,7 +232,7 @@ def initialize_eva(
                 adapter_name=adapter_name,
                 show_progress_bar=show_progress_bar,
             )
-        eva_state = {f"base_model.model.{hooked[n].name}": v for n, v in state.items()}
+        eva_state = {peft_path(hooked[n].name): v for n, v in state.items()}
         with warnings.catch_warnings():
             # PEFT warns that the adapters left out "are not supported by EVA"; they were left out on purpose.
             warnings.filterwarnings("ignore", message=".*not found in the eva state_dict.*")
@@ -241,7 +241,7 @@ def initialize_eva(
         peft_model.train(was_training)
     modules = dict(peft_model.named_modules())
     for adapter in candidates:
-        layer = modules.get(f"base_model.model.{adapter.name}")
+        layer = modules.get(peft_path(adapter.name))
         rank = layer.r.get(adapter_name, 0) if layer is not None and hasattr(layer, "r") else 0
         report.modules[adapter.name] = int(rank)
     if report.standard_init:

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.layers import is_4bit_linear
 from ..model.towers import TowerMap
+from ..upstream import bnb_keep_training_kernel, bnb_unpack_cpu_weight
 from .import_utils import require_bitsandbytes
 
 logger = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ def spec_of_model(model: nn.Module) -> Nf4Spec:
     """The :class:`Nf4Spec` of a bitsandbytes 4-bit model (from its first ``Linear4bit`` that still holds its 4-bit
     weight: a released tower's layers hold empty plain tensors)."""
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_type"):
+        if is_4bit_linear(module) and hasattr(module.weight, "quant_type"):
             weight = module.weight
             state = getattr(weight, "quant_state", None)
             return Nf4Spec(
@@ -287,16 +289,12 @@ def keep_4bit_layers_trainable(model: nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        if type(module).__name__ != "Linear4bit":
+        if not is_4bit_linear(module):
             continue
-        module.support_avx512bf16_for_cpu = False
+        bnb_keep_training_kernel(module)
         state = getattr(module.weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state
-            )
+            module.weight.data, module.weight.quant_state = bnb_unpack_cpu_weight(module.weight.data, state)
             module.quant_state = module.weight.quant_state
         count += 1
     return count

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..model.towers import map_towers
+from ..upstream import trl_create_model_from_path
 from ..utils.atomic import atomic_write_bytes, atomic_write_json
 from .checks import quantization_method
 from .layers import (
@@ -103,8 +104,6 @@ def load_quantized_base(
     Returns:
         The 4-bit model.
     """
-    from trl.trainer.utils import create_model_from_path
-
     record = None
     if adapter_dir is not None and (Path(adapter_dir) / QUANT_FILE).is_file():
         record = json.loads((Path(adapter_dir) / QUANT_FILE).read_text())
@@ -130,9 +129,9 @@ def load_quantized_base(
         skipped = record["skip_modules"]
         if skipped is None:
             skipped = checkpoint_skip_modules(model, record["skip_towers"], kwargs.get("revision"))
-        base = create_model_from_path(model, quantization_config=spec.bnb_config(skipped), **kwargs)
+        base = trl_create_model_from_path(model, quantization_config=spec.bnb_config(skipped), **kwargs)
     else:
-        base = create_model_from_path(model, **kwargs) if isinstance(model, str) else model
+        base = trl_create_model_from_path(model, **kwargs) if isinstance(model, str) else model
         if quantization_method(base) is not None:
             raise ValueError("load_quantized_base rebuilds an in-place 4-bit base from a full-precision model.")
         tower_map = map_towers(base)

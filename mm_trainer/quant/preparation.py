@@ -28,7 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.towers import TowerMap, is_quantized_linear
+from ..model.layers import is_4bit_linear, is_4bit_weight, is_quantized_linear
+from ..model.peft_names import peft_path
+from ..model.towers import TowerMap
+from ..upstream import peft_pattern_key
 from . import persistence, report
 from .checks import init_name, quantization_method
 from .import_utils import require_bitsandbytes
@@ -89,11 +92,9 @@ def _training_device(model: nn.Module, device: torch.device) -> torch.device | N
 
 def _rank_and_scaling(peft_config: Any, name: str) -> tuple[int, float]:
     """The rank and scaling PEFT will give the adapter on ``name`` (rank / alpha patterns, rsLoRA)."""
-    from peft.utils.other import get_pattern_key
-
-    rank = peft_config.rank_pattern.get(get_pattern_key(peft_config.rank_pattern.keys(), name), peft_config.r)
+    rank = peft_config.rank_pattern.get(peft_pattern_key(peft_config.rank_pattern.keys(), name), peft_config.r)
     alpha = peft_config.alpha_pattern.get(
-        get_pattern_key(peft_config.alpha_pattern.keys(), name), peft_config.lora_alpha
+        peft_pattern_key(peft_config.alpha_pattern.keys(), name), peft_config.lora_alpha
     )
     return int(rank), lora_scaling(alpha, int(rank), bool(peft_config.use_rslora))
 
@@ -122,7 +123,7 @@ def prepare_for_kbit_training(model: nn.Module, compute_dtype: torch.dtype) -> d
         if param.requires_grad:
             param.requires_grad_(False)
             frozen += 1
-        if type(param).__name__ == "Params4bit" or not param.is_floating_point():
+        if is_4bit_weight(param) or not param.is_floating_point():
             continue
         if param.dtype == torch.float16 or (param.dtype == torch.bfloat16 and compute_dtype == torch.float32):
             param.data = param.data.to(torch.float32)
@@ -157,7 +158,7 @@ class QuantizedBase:
         loftq_iter: LoftQ's alternating steps (0 without LoftQ).
         loftq: LoftQ's solution per module.
         load_dtype: Dtype the full-precision weights were quantized from.
-        base_model: ``config._name_or_path`` of the base.
+        base_model: ``config.name_or_path`` of the base.
         tower_rows: Per tower: linear layers, 4-bit layers, parameters, 4-bit parameters.
         linear_bytes: Resident bytes of the 4-bit layers, and what they would hold in bf16.
         kbit_preparation: Parameter counts frozen / upcast by :func:`prepare_for_kbit_training`.
@@ -200,9 +201,7 @@ class QuantizedBase:
             qconfig = getattr(model.config, "quantization_config", None)
             skipped = list(getattr(qconfig, "llm_int8_skip_modules", None) or [])
             # Layers still holding their 4-bit weight (a released tower's layers hold empty plain tensors).
-            quantized = [
-                n for n, m in modules.items() if type(m).__name__ == "Linear4bit" and hasattr(m.weight, "quant_type")
-            ]
+            quantized = [n for n, m in modules.items() if is_4bit_linear(m) and hasattr(m.weight, "quant_type")]
             base = cls(
                 mode=args.quantization,
                 method="from_pretrained",
@@ -237,7 +236,7 @@ class QuantizedBase:
             )
             base._quantize(model, modules, tower_map, plan, args)
         base.load_dtype = base._quantized_dtype(model)
-        base.base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        base.base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
         if args.quantization is not None:
             base.kbit_preparation = prepare_for_kbit_training(model, spec.compute_dtype)
         refresh_linears(model, tower_map)
@@ -293,7 +292,7 @@ class QuantizedBase:
     def _quantized_dtype(model: nn.Module) -> str | None:
         for module in model.modules():
             state = getattr(getattr(module, "weight", None), "quant_state", None)
-            if state is not None and type(module).__name__ == "Linear4bit":
+            if state is not None and is_4bit_linear(module):
                 return dtype_name(state.dtype)
         return None
 
@@ -332,11 +331,11 @@ class QuantizedBase:
         modules = dict(peft_model.named_modules())
         with torch.no_grad():
             for name, result in self.loftq.items():
-                layer = modules.get(f"base_model.model.{name}")
+                layer = modules.get(peft_path(name))
                 if layer is None or not hasattr(layer, "lora_A") or adapter_name not in layer.lora_A:
                     raise RuntimeError(f"LoftQ solved {name} but PEFT put no LoRA adapter on it.")
                 if (
-                    type(layer).__name__ != "Linear4bit"
+                    not is_4bit_linear(layer)
                     or layer.get_base_layer().weight.data.data_ptr() != result.packed.data_ptr()
                 ):
                     raise RuntimeError(f"The base layer of {name} is not the 4-bit layer LoftQ solved for.")

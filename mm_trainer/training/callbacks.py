@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import weakref
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..utils.checkpoints import checkpoint_dir
 
 
 class MMTrainerCallback(TrainerCallback):
@@ -36,6 +36,6 @@ class MMTrainerCallback(TrainerCallback):
         trainer = self._trainer()
         if trainer is None:
             return
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        checkpoint = checkpoint_dir(args.output_dir, state.global_step)
         if checkpoint.is_dir():
             trainer.mark_checkpoint_complete(checkpoint)

@@ -16,8 +16,11 @@ QUANTIZATION_MODES: tuple[str, ...] = ("qlora", "loftq")
 
 
 @dataclass
-class MMSFTConfig(SFTConfig):
-    r"""Configuration for [`MMSFTTrainer`]: every [`~trl.SFTConfig`] field, plus the ones below.
+class MultimodalArguments:
+    r"""The multimodal settings every mm-trainer config adds to its TRL config (a dataclass mixin).
+
+    `MMSFTConfig` is `MultimodalArguments` + TRL's `SFTConfig`; the configs of the other TRL trainers combine the same
+    way, so every trainer reads the same fields with the same defaults and validation.
 
     Parameters:
         > Targets from the data
@@ -240,9 +243,9 @@ class MMSFTConfig(SFTConfig):
     )
 
     @classmethod
-    def extend(cls, args: TrainingArguments, **changes: Any) -> MMSFTConfig:
-        """A new ``MMSFTConfig`` with every field value of ``args`` (a ``TrainingArguments``, ``SFTConfig`` or
-        ``MMSFTConfig``), the fields ``args`` lacks at their defaults, and ``changes`` applied.
+    def extend(cls, args: TrainingArguments, **changes: Any) -> Any:
+        """A new config of this class with every field value of ``args`` (a ``TrainingArguments``, a TRL config or an
+        mm-trainer config), the fields ``args`` lacks at their defaults, and ``changes`` applied.
 
         Built through the dataclass fields (values are deep-copied, so ``args`` is never touched, and the hub token,
         which ``to_dict()`` hides, is kept); ``__post_init__`` validates the result as for a config built by hand.
@@ -256,7 +259,7 @@ class MMSFTConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         self._validate_mm()
-        super().__post_init__()
+        super().__post_init__()  # the TRL config's own validation (the next class in the MRO)
 
     def _validate_mm(self) -> None:
         if self.target_towers is None or (isinstance(self.target_towers, list) and self.target_towers == ["auto"]):
@@ -315,3 +318,9 @@ class MMSFTConfig(SFTConfig):
                     '["vision", "audio", "projector", "output"] (the default).'
                 )
             self.quant_skip_towers = skip
+
+
+@dataclass
+class MMSFTConfig(MultimodalArguments, SFTConfig):
+    r"""Configuration for [`MMSFTTrainer`]: every [`~trl.SFTConfig`] field, plus the multimodal ones of
+    [`MultimodalArguments`] (targets from the data, telemetry, IMoD, 4-bit, audit)."""

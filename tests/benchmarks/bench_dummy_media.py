@@ -28,7 +28,7 @@ def main(repeats: int = 7) -> None:
     from peft import LoraConfig
 
     from mm_trainer import MMSFTConfig, MMSFTTrainer
-    from mm_trainer.distributed.dummy_media import DummyMedia
+    from mm_trainer.core.dummy_media import DummyMedia
     from tests.benchmarks.common import qwen2_5_vl_model
     from tests.kit import make_processor, mixed_dataset
 

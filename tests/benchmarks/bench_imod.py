@@ -175,7 +175,7 @@ def profile(trainer: MMSFTTrainer, batch: dict, reps: int) -> dict[str, float]:
     for handle in handles:
         handle.remove()
     layout = TokenLayout.from_batch(batch, trainer.model.config)
-    scale = balance.constraint_scale(trainer)
+    scale = balance.constraint_scale(trainer.args.gradient_accumulation_steps)
     layers = []
     for i, x in captured.items():
         weight = injector._lora_a[i].weight.detach().clone().requires_grad_(True)

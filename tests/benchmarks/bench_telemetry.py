@@ -42,7 +42,7 @@ class InterleavedTelemetry(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         self._on = state.global_step % 2 == 0
-        self.trainer.telemetry = self.kept if self._on else None
+        self.trainer.mm.telemetry = self.kept if self._on else None
         self._t = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):

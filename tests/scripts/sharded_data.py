@@ -99,7 +99,7 @@ def run_case(out: Path, case: str, model: Any, steps: int, telemetry: bool = Tru
         info["answers_after"] = generate_answers(trainer.model, processing, rows, max_new_tokens=3)
     if telemetry:
         trainer.save_model(str(out / case / "final"))  # adapter + audit (every rank; the audit gathers)
-    trainer._sync_fired()
+    trainer.mm.synchronize()
     state = full_lora_state(trainer)
     rank = trainer.args.process_index
     if rank == 0:

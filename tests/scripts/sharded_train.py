@@ -64,14 +64,20 @@ class StepTimes(TrainerCallback):
 
 
 def engine_name(trainer: Any) -> str:
-    """``ddp``, ``fsdp2`` (or ``fsdp1``), ``zero2``/``zero3``, or ``single``: what the run really used."""
+    """The engine mm-trainer's core trains under (`Engine.name`), checked against what the Trainer really runs:
+    ``ddp``, ``fsdp2`` (or ``fsdp1``), ``zero2``/``zero3``, or ``single``."""
     if trainer.is_deepspeed_enabled:
-        return f"zero{trainer.model_wrapped.zero_optimization_stage()}"
-    if trainer.is_fsdp_enabled:
+        ran = f"zero{trainer.model_wrapped.zero_optimization_stage()}"
+    elif trainer.is_fsdp_enabled:
         from torch.distributed.fsdp import FSDPModule
 
-        return "fsdp2" if isinstance(trainer.model, FSDPModule) else "fsdp1"
-    return "ddp" if trainer.accelerator.num_processes > 1 else "single"
+        ran = "fsdp2" if isinstance(trainer.model, FSDPModule) else "fsdp1"
+    else:
+        ran = "ddp" if trainer.accelerator.num_processes > 1 else "single"
+    name = trainer.mm.engine.name
+    if name != ran:
+        raise RuntimeError(f"mm-trainer's engine is {name!r} but the Trainer runs {ran!r}")
+    return name
 
 
 def run_unseen(out: Path, steps: int) -> None:
@@ -100,7 +106,7 @@ def run_unseen(out: Path, steps: int) -> None:
         trainer.train()
     except UnseenModalityError as err:
         info["raised"] = str(err)
-    info["deferred_check"] = trainer._guard_hook is not None
+    info["deferred_check"] = trainer.mm.deferred_batch_check
     (out / "unseen").mkdir(parents=True, exist_ok=True)
     (out / "unseen" / f"rank{rank}.json").write_text(json.dumps(info, indent=1))
 

@@ -25,7 +25,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..utils.atomic import atomic_write_json
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ MARKER_FORMAT = 1
 TRAINER_STATE = "trainer_state.json"
 """The file the Trainer writes last into a checkpoint."""
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
 _MAX_STATE_BYTES = 256 * 2**20  # a trainer_state.json larger than this is not read to judge completeness
 
 
@@ -71,6 +73,16 @@ def unmark_checkpoint(folder: Path) -> None:
     (folder / COMPLETE_MARKER).unlink(missing_ok=True)
     for leftover in folder.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """The folder the Trainer saves the checkpoint of optimizer step `step` to (`<output_dir>/checkpoint-<step>`)."""
+    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{int(step)}"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` is named like a Trainer checkpoint folder (`checkpoint-<step>`)."""
+    return checkpoint_step(path) is not None
 
 
 def checkpoint_step(folder: Path) -> int | None:

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..distributed.engine import Engine
 from ..model.modality import batch_modalities
-from .engine import detect_engine
 
 logger = logging.getLogger(__name__)
 
@@ -156,36 +156,51 @@ class DummyMedia:
         self._hook = model.get_submodule(language_root).register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
     @classmethod
-    def for_trainer(cls, trainer: Any) -> DummyMedia | None:
-        """The dummies an ``MMSFTTrainer`` needs: one per media tower the data reaches (not released), when the engine
-        shards parameters (FSDP, ZeRO-3); ``None`` otherwise.
+    def for_run(
+        cls,
+        engine: Engine,
+        tower_map: Any,
+        released_towers: list[str],
+        profile: Any,
+        model: nn.Module,
+        processor: Any,
+        telemetry: Any = None,
+    ) -> DummyMedia | None:
+        """The dummies a run needs: one per media tower the data reaches (not released), when the engine shards
+        parameters (FSDP, ZeRO-3); ``None`` otherwise.
+
+        Args:
+            engine: The run's engine.
+            tower_map: The base model's tower map.
+            released_towers: Towers (names) whose weights were released.
+            profile: The training data's modality profile.
+            model: The model (a PEFT model is unwrapped to its base).
+            processor: The processing class, to build the dummy inputs.
+            telemetry: The run's telemetry (see the class), or ``None``.
 
         Raises:
             ValueError: A dummy is needed but cannot be built, with the fix.
         """
-        engine = detect_engine(trainer.args)
-        zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if not (trainer.is_fsdp_enabled or zero3 or engine.shards_parameters) or trainer.target_plan is None:
+        if not engine.shards_parameters:
             return None
-        roots = trainer.tower_map.roots
-        released = {r.tower for r in trainer.released_towers}
-        reached = trainer.modality_profile.reached_towers()
-        present = trainer.tower_map.present_towers()
-        towers = [t for t in _EXTRACTORS if t in reached and t in present and t not in released]
+        roots = tower_map.roots
+        reached = profile.reached_towers()
+        present = tower_map.present_towers()
+        towers = [t for t in _EXTRACTORS if t in reached and t in present and t not in released_towers]
         if not towers:
             return None
         paths = {t: [path for path, (tower, _) in roots.items() if tower == t] for t in towers}
         paths[towers[-1]] += [path for path, (tower, _) in roots.items() if tower == "projector"]
         language = [path for path, (tower, _) in roots.items() if tower == "language"]
-        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         try:
             if not language:
                 raise DummyMediaError("the tower map found no language model to attach the dummy to")
-            return cls(base, paths, language[0], trainer.processing_class, trainer.telemetry)
+            return cls(base, paths, language[0], processor, telemetry)
         except DummyMediaError as err:
             kind = "/".join(towers)
             raise ValueError(
-                f"Data with {kind} media under {engine.name if engine.name != 'plain' else 'a sharding engine'} needs "
+                f"Data with {kind} media under {engine.name} needs "
                 f"every rank to run the {kind} tower on every micro-batch (its sharded weights are gathered "
                 f"collectively), and mm-trainer cannot build a dummy input for it: {err}. Use data in which every row "
                 "holds the same media, or train with DDP or DeepSpeed ZeRO-2 (no parameter sharding)."

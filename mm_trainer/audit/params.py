@@ -7,25 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from ..distributed.sharding import full_numel
 from ..model.adapters import LoraAdapter
+from ..model.figures import param_count
 from ..model.layers import is_4bit_weight
 from ..model.peft_names import strip_peft_prefix
 from ..model.towers import TOWERS, TowerMap
 from .status import ModuleAudit
-
-
-def param_count(param: nn.Parameter) -> int:
-    """Elements of a parameter as if unquantized: a bitsandbytes 4-bit weight packs two values per byte and keeps
-    its real shape in ``quant_state.shape``."""
-    quant_state = getattr(param, "quant_state", None)
-    shape = getattr(quant_state, "shape", None)
-    if shape is not None:
-        n = 1
-        for d in shape:
-            n *= int(d)
-        return n
-    return full_numel(param)  # whole, also for an FSDP2 shard or a ZeRO-3 partition
 
 
 def other_trainable(model: nn.Module, adapters: Iterable[LoraAdapter]) -> dict[str, nn.Parameter]:
@@ -52,14 +39,14 @@ def param_summary(
     modules: list[ModuleAudit],
     other: Mapping[str, nn.Parameter],
     other_moved: Mapping[str, bool],
-    released: Iterable[Any] = (),
 ) -> dict[str, Any]:
     """The ``params`` section of the audit.
 
-    ``nominal_trainable`` counts every trainable parameter (what PEFT's ``print_trainable_parameters`` shows);
-    ``effective_trainable`` only those that learned: adapters with status ``trained`` and other trainable parameters
-    that moved since init (all of them when the init record was lost). Base (frozen) parameters are counted per tower
-    with 4-bit weights unpacked, and released towers with the size they had.
+    The figures are defined in [`~mm_trainer.model.figures`]: ``nominal_trainable`` counts every trainable parameter
+    (what PEFT's ``print_trainable_parameters`` shows); ``effective_trainable`` only those that learned: adapters with
+    status ``trained`` and other trainable parameters that moved since init (all of them when the init record was
+    lost). ``base_params`` per tower is the tower map's count (the start-up plan shows the same number);
+    ``base_params_4bit`` the part of it in bitsandbytes 4-bit weights now.
 
     Args:
         model: The (PEFT-wrapped) model.
@@ -67,7 +54,6 @@ def param_summary(
         modules: The adapters' audits.
         other: Other trainable parameters by name (see :func:`other_trainable`).
         other_moved: Per name in ``other``, whether it moved since init (missing: unknown).
-        released: The trainer's ``released_towers`` records (``tower``, ``params``).
     """
     per_tower: dict[str, dict[str, int]] = {}
 
@@ -106,17 +92,11 @@ def param_summary(
             r["effective_trainable"] += n
         other_rows.append({"name": name, "tower": tower, "params": n, "moved": moved})
 
-    trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
+    for tower, n in tower_map.base_params.items():
+        row(tower)["base_params"] += n
     for name, p in model.named_parameters():
-        if id(p) in trainable_ids:
-            continue
-        r = row(tower_map.tower_of(name))
-        n = param_count(p)
-        r["base_params"] += n
-        if is_4bit_weight(p):
-            r["base_params_4bit"] += n
-    for record in released:
-        row(record.tower)["base_params"] += int(record.params)
+        if not p.requires_grad and is_4bit_weight(p):
+            row(tower_map.tower_of(name))["base_params_4bit"] += param_count(p)
 
     ordered = {t: per_tower[t] for t in TOWERS if t in per_tower}
     nominal = sum(r["nominal_trainable"] for r in ordered.values())

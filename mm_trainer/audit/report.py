@@ -160,7 +160,6 @@ def build_audit(inputs: AuditInputs, record: InitRecord) -> dict[str, Any]:
         modules,
         others,
         record.compare_other(others),
-        inputs.released_towers,
     )
     dynamics = training_dynamics(inputs.log_history, inputs.telemetry_history, inputs.raw_loss_history)
     sections = run_sections(inputs.sections)

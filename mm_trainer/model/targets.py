@@ -104,7 +104,7 @@ class TargetPlan:
                 {
                     "tower": tower,
                     "linear_modules": len(linears),
-                    "base_params": sum(i.params for i in linears),
+                    "base_params": self.tower_map.base_params.get(tower, 0),
                     "matched": len(mine),
                     "kept": len(kept),
                     "dropped": len(dropped),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .figures import param_count
 from .layers import is_linear, is_quantized_linear, is_tuner_layer, linear_params, linear_shape
 from .peft_names import strip_peft_prefix
 
@@ -84,6 +85,8 @@ class TowerMap:
         output_name: Path of the output head (``lm_head``), if any.
         input_embedding_name: Path of the input token embedding, if any.
         composite: Whether the model has more than one tower (a VLM / audio LM) or is a plain LM.
+        base_params: Parameters of the base model per tower, counted when the map was built (see
+            [`~mm_trainer.model.figures`]: the one definition of "base params").
     """
 
     towers: dict[str, str]
@@ -92,6 +95,7 @@ class TowerMap:
     output_name: str | None = None
     input_embedding_name: str | None = None
     composite: bool = False
+    base_params: dict[str, int] = field(default_factory=dict)
 
     def tower_of(self, name: str) -> str:
         """Tower of a module path. Paths of a PEFT-wrapped model (``base_model.model.``) are accepted too."""
@@ -128,6 +132,7 @@ class TowerMap:
             "output": self.output_name,
             "input_embedding": self.input_embedding_name,
             "linear_counts": self.linear_counts(),
+            "base_params": dict(self.base_params),
         }
 
 
@@ -391,6 +396,15 @@ def map_towers(model: nn.Module) -> TowerMap:
         for path, _ in model.named_modules()
     }
     linears: dict[str, LinearInfo] = {}
+    base_params: dict[str, int] = {}
+    counted: set[int] = set()  # tied parameters count once
+
+    def count(owner: nn.Module, tower: str, recurse: bool) -> None:
+        for param in owner.parameters(recurse=recurse):
+            if id(param) not in counted:
+                counted.add(id(param))
+                base_params[tower] = base_params.get(tower, 0) + param_count(param)
+
     inside_tuner: str | None = None  # named_modules() is pre-order: a PEFT layer's children follow it directly
     for path, module in model.named_modules():
         if inside_tuner is not None and path.startswith(inside_tuner):
@@ -399,8 +413,12 @@ def map_towers(model: nn.Module) -> TowerMap:
         if is_tuner_layer(module):
             inside_tuner = path + "."
             module = getattr(module, "base_layer", None)
+            if module is not None:
+                count(module, towers[path], recurse=True)  # the base layer's weights; adapters are not base params
             if module is None or not is_linear(module):
                 continue
+        else:
+            count(module, towers[path], recurse=False)
         if is_linear(module):
             fan_in, fan_out = linear_shape(module)
             linears[path] = LinearInfo(
@@ -418,6 +436,7 @@ def map_towers(model: nn.Module) -> TowerMap:
         output_name=output_path,
         input_embedding_name=input_path,
         composite=composite,
+        base_params={t: base_params[t] for t in TOWERS if t in base_params},
     )
 
 

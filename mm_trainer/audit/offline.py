@@ -157,99 +157,15 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
     Raises:
         AdapterDirError: Missing files, unreadable files, or not a LoRA adapter.
     """
-    import torch
-
     folder = _find_dir(Path(path))
     config = _load_config(folder)
     tensors = _load_tensors(folder)
-    if not isinstance(tensors, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-    ):
-        raise AdapterDirError(f"{folder}: the adapter weights are not a map of tensor names to tensors.")
-    init = config.get("init_lora_weights", True)
-    zero_start = _zero_product_init(init)
-
-    by_module: dict[str, dict[str, Any]] = {}
-    other_params = saved_base = 0
-    for key, tensor in tensors.items():
-        module = module_of_key(key)
-        if module is None:
-            # ``.base_layer.`` keys are frozen base weights PEFT saves along (``save_embedding_layers``); the rest
-            # (``modules_to_save``, trainable tokens) was trained in full.
-            if ".base_layer." in key:
-                saved_base += tensor.numel()
-            else:
-                other_params += tensor.numel()
-            continue
-        entry = by_module.setdefault(module, {"params": 0, "a": None, "b": None})
-        entry["params"] += tensor.numel()
-        if ".lora_A" in key or ".lora_embedding_A" in key:
-            entry["a"] = tensor
-        elif ".lora_B" in key or ".lora_embedding_B" in key:
-            entry["b"] = tensor
-    if not by_module:
-        raise AdapterDirError(f"{folder} holds no LoRA tensors (no lora_A / lora_B keys in its weights).")
-
+    by_module, other_params, saved_base = _group_by_module(folder, tensors)
     training, training_note = _training_audit(folder)
-    trained_status = {m["name"]: m for m in training["modules"]} if training else {}
-    modules = []
-    non_finite = []
-    for name, entry in by_module.items():
-        a, b = entry["a"], entry["b"]
-        finite = all(bool(torch.isfinite(t).all()) for t in (a, b) if t is not None and t.is_floating_point())
-        if not finite:
-            non_finite.append(name)
-        a_zero = a is not None and not bool(torch.count_nonzero(a))
-        b_zero = b is not None and not bool(torch.count_nonzero(b))
-        no_op = a_zero or b_zero
-        recorded = trained_status.get(name)
-        if a is None or b is None:
-            status = "missing"
-            reason = (
-                f"the weights hold lora_{'A' if a is not None else 'B'} but no lora_{'B' if a is not None else 'A'}: "
-                "the adapter is incomplete (PEFT would load the absent factor at its init value)"
-            )
-        elif no_op:
-            status, reason = "dead", "B @ A is exactly zero: the adapter changes nothing"
-            if recorded is not None and recorded["status"] in DEAD_STATUSES:
-                status, reason = recorded["status"], recorded["reason"]
-        elif recorded is not None:
-            status, reason = recorded["status"], recorded["reason"]
-        elif zero_start:
-            status, reason = "trained", f"B @ A is non-zero and started at zero (init_lora_weights={init!r})"
-        else:
-            status = "unverified"
-            reason = (
-                f"init_lora_weights={init!r} starts with B @ A != 0, so the weights alone cannot tell whether it "
-                "trained (mm-trainer's audit.json would)"
-            )
-        if not finite:
-            reason += "; holds NaN or infinity"
-        modules.append(
-            {
-                "name": name,
-                "tower": tower_from_name(name),
-                "params": entry["params"],
-                "status": status,
-                "dead": status in ("dead", "missing") or status in DEAD_STATUSES,
-                "finite": finite,
-                "reason": str(reason),
-                "norm_a": _norm(a),
-                "norm_b": _norm(b),
-            }
-        )
-
-    towers: dict[str, dict[str, int]] = {}
-    for m in modules:
-        row = towers.setdefault(m["tower"], {"modules": 0, "dead": 0, "unverified": 0, "nominal": 0, "effective": 0})
-        row["modules"] += 1
-        row["nominal"] += m["params"]
-        if m["dead"]:
-            row["dead"] += 1
-        else:
-            row["effective"] += m["params"]
-            row["unverified"] += m["status"] == "unverified"
-    towers = {t: towers[t] for t in TOWERS if t in towers}
+    recorded = {m["name"]: m for m in training["modules"]} if training else {}
+    init = config.get("init_lora_weights", True)
+    modules = [_judge_module(name, entry, recorded.get(name), init) for name, entry in by_module.items()]
+    towers = _tower_rows(modules)
     lora = sum(m["params"] for m in modules)
     dead_lora = sum(m["params"] for m in modules if m["dead"])
     dead_groups: dict[str, list[list[Any]]] = {}
@@ -257,6 +173,7 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
         names = [m["name"] for m in modules if m["dead"] and m["tower"] == tower]
         if names:
             dead_groups[tower] = [[p, n] for p, n in group_names(names)]
+    non_finite = [m["name"] for m in modules if not m["finite"]]
     return {
         "kind": "adapter",
         "path": str(folder),
@@ -294,6 +211,97 @@ def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
         "training_audit_note": training_note,
         "clean": not any(m["dead"] for m in modules) and not non_finite,
     }
+
+
+def _group_by_module(folder: Path, tensors: Any) -> tuple[dict[str, dict[str, Any]], int, int]:
+    """The LoRA tensors of each adapted module (`params`, `a`, `b`), and the element counts of the other trainable
+    tensors (`modules_to_save`, trainable tokens) and of the frozen base weights PEFT saved along."""
+    import torch
+
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise AdapterDirError(f"{folder}: the adapter weights are not a map of tensor names to tensors.")
+    by_module: dict[str, dict[str, Any]] = {}
+    other_params = saved_base = 0
+    for key, tensor in tensors.items():
+        module = module_of_key(key)
+        if module is None:
+            # ``.base_layer.`` keys are frozen base weights PEFT saves along (``save_embedding_layers``); the rest
+            # (``modules_to_save``, trainable tokens) was trained in full.
+            if ".base_layer." in key:
+                saved_base += tensor.numel()
+            else:
+                other_params += tensor.numel()
+            continue
+        entry = by_module.setdefault(module, {"params": 0, "a": None, "b": None})
+        entry["params"] += tensor.numel()
+        if ".lora_A" in key or ".lora_embedding_A" in key:
+            entry["a"] = tensor
+        elif ".lora_B" in key or ".lora_embedding_B" in key:
+            entry["b"] = tensor
+    if not by_module:
+        raise AdapterDirError(f"{folder} holds no LoRA tensors (no lora_A / lora_B keys in its weights).")
+    return by_module, other_params, saved_base
+
+
+def _judge_module(name: str, entry: dict[str, Any], recorded: dict[str, Any] | None, init: Any) -> dict[str, Any]:
+    """One adapted module's audit row from its weights and, when present, the training audit's status for it."""
+    import torch
+
+    a, b = entry["a"], entry["b"]
+    finite = all(bool(torch.isfinite(t).all()) for t in (a, b) if t is not None and t.is_floating_point())
+    no_op = (a is not None and not bool(torch.count_nonzero(a))) or (
+        b is not None and not bool(torch.count_nonzero(b))
+    )
+    if a is None or b is None:
+        status = "missing"
+        reason = (
+            f"the weights hold lora_{'A' if a is not None else 'B'} but no lora_{'B' if a is not None else 'A'}: "
+            "the adapter is incomplete (PEFT would load the absent factor at its init value)"
+        )
+    elif no_op:
+        status, reason = "dead", "B @ A is exactly zero: the adapter changes nothing"
+        if recorded is not None and recorded["status"] in DEAD_STATUSES:
+            status, reason = recorded["status"], recorded["reason"]
+    elif recorded is not None:
+        status, reason = recorded["status"], recorded["reason"]
+    elif _zero_product_init(init):
+        status, reason = "trained", f"B @ A is non-zero and started at zero (init_lora_weights={init!r})"
+    else:
+        status = "unverified"
+        reason = (
+            f"init_lora_weights={init!r} starts with B @ A != 0, so the weights alone cannot tell whether it "
+            "trained (mm-trainer's audit.json would)"
+        )
+    if not finite:
+        reason += "; holds NaN or infinity"
+    return {
+        "name": name,
+        "tower": tower_from_name(name),
+        "params": entry["params"],
+        "status": status,
+        "dead": status in ("dead", "missing") or status in DEAD_STATUSES,
+        "finite": finite,
+        "reason": str(reason),
+        "norm_a": _norm(a),
+        "norm_b": _norm(b),
+    }
+
+
+def _tower_rows(modules: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per tower: adapted modules, dead and unverified ones, nominal and effective LoRA parameters."""
+    towers: dict[str, dict[str, int]] = {}
+    for m in modules:
+        row = towers.setdefault(m["tower"], {"modules": 0, "dead": 0, "unverified": 0, "nominal": 0, "effective": 0})
+        row["modules"] += 1
+        row["nominal"] += m["params"]
+        if m["dead"]:
+            row["dead"] += 1
+        else:
+            row["effective"] += m["params"]
+            row["unverified"] += m["status"] == "unverified"
+    return {t: towers[t] for t in TOWERS if t in towers}
 
 
 def _norm(tensor: Any) -> float | str | None:

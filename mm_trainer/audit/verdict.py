@@ -85,20 +85,38 @@ def decide(
     Returns:
         The verdict and the reasons (``level``, ``code``, ``message``), fails first.
     """
-    reasons: list[dict[str, str]] = []
-    trained = [m for m in modules if m.status == "trained"]
-    if modules and not trained:
-        reasons.append(
-            _reason(
-                "fail",
-                "nothing_trained",
-                f"none of the {len(modules)} adapters trained after {global_step} optimizer step(s)",
-            )
-        )
     loss = dynamics.get("loss") or {}
-    if loss.get("non_finite_steps"):
-        steps = loss["non_finite_steps"]
-        reasons.append(_reason("fail", "non_finite_loss", f"non-finite training loss at step(s) {steps[:10]}"))
+    reasons = [
+        *_nothing_trained(modules, global_step),
+        *_non_finite_loss(loss),
+        *_broken_weights(modules),
+        *_dead_adapters(modules, params),
+        *_loss_trend(loss),
+        *_spikes(dynamics.get("spikes") or []),
+        *_early_divergence(dynamics.get("early_divergence") or []),
+        *_init_record(len(modules), record_lost, record_missing or []),
+        *_section_reasons(sections),
+    ]
+    reasons.sort(key=lambda r: r["level"] != "fail")
+    verdict = "fail" if any(r["level"] == "fail" for r in reasons) else "warn" if reasons else "pass"
+    return verdict, reasons
+
+
+def _nothing_trained(modules: list[ModuleAudit], global_step: int) -> list[dict[str, str]]:
+    if not modules or any(m.status == "trained" for m in modules):
+        return []
+    message = f"none of the {len(modules)} adapters trained after {global_step} optimizer step(s)"
+    return [_reason("fail", "nothing_trained", message)]
+
+
+def _non_finite_loss(loss: Mapping[str, Any]) -> list[dict[str, str]]:
+    steps = loss.get("non_finite_steps")
+    return [_reason("fail", "non_finite_loss", f"non-finite training loss at step(s) {steps[:10]}")] if steps else []
+
+
+def _broken_weights(modules: list[ModuleAudit]) -> list[dict[str, str]]:
+    """Adapters holding NaN / infinity, and finite ones too large for float32 arithmetic."""
+    reasons = []
     bad = [m.name for m in modules if not m.finite]
     if bad:
         reasons.append(
@@ -115,6 +133,13 @@ def decide(
                 f"up to {worst:.3g}) that float32 arithmetic on them overflows",
             )
         )
+    return reasons
+
+
+def _dead_adapters(modules: list[ModuleAudit], params: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A dead majority (fail), adapters that learned nothing and adapters moved by weight decay alone (warn)."""
+    reasons = []
+    trained = [m for m in modules if m.status == "trained"]
     dead = [m for m in modules if m.dead]
     dead_share = params.get("dead_share", 0.0)
     if trained and dead and dead_share >= FAIL_DEAD_SHARE:
@@ -148,16 +173,24 @@ def decide(
                 "but carry nothing from the data",
             )
         )
-    if loss.get("decreasing") is False:
-        reasons.append(
-            _reason(
-                "warn",
-                "loss_not_decreasing",
-                f"mean loss of the last quarter of logged steps ({loss['last_quarter_mean']:.4g}) is not below "
-                f"that of the first quarter ({loss['first_quarter_mean']:.4g})",
-            )
+    return reasons
+
+
+def _loss_trend(loss: Mapping[str, Any]) -> list[dict[str, str]]:
+    if loss.get("decreasing") is not False:
+        return []
+    return [
+        _reason(
+            "warn",
+            "loss_not_decreasing",
+            f"mean loss of the last quarter of logged steps ({loss['last_quarter_mean']:.4g}) is not below "
+            f"that of the first quarter ({loss['first_quarter_mean']:.4g})",
         )
-    spikes = dynamics.get("spikes") or []
+    ]
+
+
+def _spikes(spikes: list[Mapping[str, Any]]) -> list[dict[str, str]]:
+    reasons = []
     for code, pick in (("loss_spikes", "loss"), ("grad_norm_spikes", "grad_norm")):
         mine = [s for s in spikes if s["metric"].split("/")[0] == pick]
         if mine:
@@ -170,36 +203,49 @@ def decide(
                     f"{worst['value']:.4g} = {worst['ratio']:.1f}x the recent median",
                 )
             )
-    diverged = dynamics.get("early_divergence") or []
-    if diverged:
-        first = diverged[0]
-        reasons.append(
-            _reason(
-                "warn",
-                "early_divergence",
-                f"{first['metric']} diverged early: {first['value']:.4g} at step {first['step']} = "
-                f"{first['ratio']:.3g}x its first logged value ({first['baseline']:.4g})",
-            )
+    return reasons
+
+
+def _early_divergence(diverged: list[Mapping[str, Any]]) -> list[dict[str, str]]:
+    if not diverged:
+        return []
+    first = diverged[0]
+    return [
+        _reason(
+            "warn",
+            "early_divergence",
+            f"{first['metric']} diverged early: {first['value']:.4g} at step {first['step']} = "
+            f"{first['ratio']:.3g}x its first logged value ({first['baseline']:.4g})",
         )
-    unknown = record_missing or []
-    if unknown and not record_lost:
-        reasons.append(
-            _reason(
-                "warn",
-                "init_record_partial",
-                f"the audit's init record covers {len(modules) - len(unknown)} of {len(modules)} adapters: movement "
-                f"since init of {len(unknown)} (e.g. {unknown[0]}) was not checked",
-            )
-        )
-    if record_lost:
-        reasons.append(
+    ]
+
+
+def _init_record(adapters: int, lost: bool, missing: list[str]) -> list[dict[str, str]]:
+    """Movement since init not checked: for some adapters (partial record) or for all (record lost)."""
+    if lost:
+        return [
             _reason(
                 "warn",
                 "init_record_lost",
                 "resumed from a checkpoint without the audit's init record: statuses rest on gradient counts since "
                 "the resume, movement since init was not checked",
             )
+        ]
+    if not missing:
+        return []
+    return [
+        _reason(
+            "warn",
+            "init_record_partial",
+            f"the audit's init record covers {adapters - len(missing)} of {adapters} adapters: movement "
+            f"since init of {len(missing)} (e.g. {missing[0]}) was not checked",
         )
+    ]
+
+
+def _section_reasons(sections: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A feature section that failed to build, or that reports `warn` / `fail` with its reasons."""
+    reasons = []
     for name, section in sections.items():
         if not isinstance(section, Mapping):
             continue
@@ -211,6 +257,4 @@ def decide(
             texts = section.get("reasons") or [f"section {name!r} reports {level}"]
             for text in texts if isinstance(texts, list) else [texts]:
                 reasons.append(_reason(level, f"section:{name}", str(text)))
-    reasons.sort(key=lambda r: r["level"] != "fail")
-    verdict = "fail" if any(r["level"] == "fail" for r in reasons) else "warn" if reasons else "pass"
-    return verdict, reasons
+    return reasons

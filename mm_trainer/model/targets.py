@@ -257,92 +257,131 @@ def resolve_targets(
     else:
         user_targets = with_default_targets(model, peft_config).target_modules
     matched = matched_modules(model, peft_config) if user_targets is not None else []
-    # Per-expert linears are judged with their MoE block: a probe batch of a few rows routes tokens to a few experts
-    # only, and an expert it missed trains on other batches.
-    groups = expert_groups(model)
-    reached_blocks = _reached_blocks(groups, probe)
-    param_blocks = {key: key.rsplit(".", 2)[0] for key in params}  # the block holding the experts module
-    modules = dict(model.named_modules())
     output_leaf = tower_map.output_name.rsplit(".", 1)[-1] if tower_map.output_name else None
-    output_asked = _user_named(user_targets, output_leaf)
-    reached = profile.reached_towers()
-    if towers_setting == "auto":
-        selected = [t for t in TOWERS if t in reached or t == "other" or (t == "output" and output_asked)]
-    else:
-        selected = list(towers_setting)
-    forced = towers_setting != "auto"
+    judge = _Judge(model, tower_map, profile, probe, towers_setting, _user_named(user_targets, output_leaf), rank)
+    decisions = [judge.module(name) for name in matched] + [judge.parameter(key) for key in params]
+    plan_warnings = _apply_dead_targets(decisions, judge.dead_candidates, dead_targets)
+    kept = [d.name for d in decisions if d.kept]
+    if not kept:
+        raise ValueError(_nothing_left_message(user_targets, matched or params, decisions, tower_map, judge.selected))
+    return TargetPlan(
+        peft_config=_resolved_config(peft_config, kept, params),
+        decisions=decisions,
+        selected_towers=judge.selected,
+        target_towers=towers_setting,
+        profile=profile,
+        tower_map=tower_map,
+        probe=probe,
+        rank=rank,
+        user_target_modules=user_targets,
+        warnings=plan_warnings,
+    )
 
-    decisions: list[TargetDecision] = []
-    dead_candidates: list[TargetDecision] = []
-    modality_words = "text-only" if profile.text_only else "+".join(sorted(profile.modalities))
 
-    def _unselected(name: str, tower: str, cost: int) -> TargetDecision:
-        """The decision on a target outside the selected towers: dropped when `target_towers` excludes its tower,
-        else a dead candidate (its tower is not reached by the data)."""
-        if forced:
-            reason = f"tower not in target_towers={list(towers_setting)}"
-            return TargetDecision(name, tower, False, reason, cost, dead=tower not in reached)
-        return TargetDecision(
-            name, tower, True, f"{tower} tower not reached by the data ({modality_words})", cost, dead=True
-        )
+class _Judge:
+    """Decides, target by target, whether the resolved config keeps it and why (see [`resolve_targets`]).
 
-    for name in matched:
-        tower = tower_map.tower_of(name)
-        cost = _lora_params(modules, tower_map, name, rank)
-        if tower == "output" and not output_asked:
-            decisions.append(TargetDecision(name, tower, False, "output head: adapted only when named", cost))
-            continue
-        if tower not in selected:
-            decision = _unselected(name, tower, cost)
-            decisions.append(decision)
-            if decision.kept:  # a dead candidate: dropped, kept or refused below by `dead_targets`
-                dead_candidates.append(decision)
-            continue
-        if name in groups and groups[name] in reached_blocks and tower in selected and probe.status(name) != "reached":
-            why = f"expert of the MoE block {groups[name]}, which the probe reached (experts are judged as a group)"
-            decisions.append(TargetDecision(name, tower, True, why, cost))
-            continue
+    Dead candidates (targets the data does not reach, on a tower `target_towers="auto"` selected or left out) are
+    kept here and collected in `dead_candidates`: `dead_targets` then drops, keeps or refuses them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tower_map: TowerMap,
+        profile: ModalityProfile,
+        probe: ProbeResult | None,
+        towers_setting: str | list[str],
+        output_asked: bool,
+        rank: int,
+    ) -> None:
+        self.model = model
+        self.tower_map = tower_map
+        self.probe = probe
+        self.towers_setting = towers_setting
+        self.output_asked = output_asked
+        self.rank = rank
+        self.modules = dict(model.named_modules())
+        self.reached = profile.reached_towers()
+        self.forced = towers_setting != "auto"
+        if self.forced:
+            self.selected = list(towers_setting)
+        else:
+            self.selected = [
+                t for t in TOWERS if t in self.reached or t == "other" or (t == "output" and output_asked)
+            ]
+        self.modality_words = "text-only" if profile.text_only else "+".join(sorted(profile.modalities))
+        # Per-expert linears are judged with their MoE block: a probe batch of a few rows routes tokens to a few
+        # experts only, and an expert it missed trains on other batches.
+        self.groups = expert_groups(model)
+        self.reached_blocks = _reached_blocks(self.groups, probe)
+        self.dead_candidates: list[TargetDecision] = []
+
+    def _candidate(self, decision: TargetDecision) -> TargetDecision:
+        self.dead_candidates.append(decision)
+        return decision
+
+    def _unselected(self, name: str, tower: str, cost: int) -> TargetDecision:
+        """A target outside the selected towers: dropped when `target_towers` excludes its tower, else a dead
+        candidate (its tower is not reached by the data)."""
+        if self.forced:
+            reason = f"tower not in target_towers={list(self.towers_setting)}"
+            return TargetDecision(name, tower, False, reason, cost, dead=tower not in self.reached)
+        reason = f"{tower} tower not reached by the data ({self.modality_words})"
+        return self._candidate(TargetDecision(name, tower, True, reason, cost, dead=True))
+
+    def module(self, name: str) -> TargetDecision:
+        """The decision on a module `target_modules` matched."""
+        tower = self.tower_map.tower_of(name)
+        cost = _lora_params(self.modules, self.tower_map, name, self.rank)
+        probe = self.probe
+        if tower == "output" and not self.output_asked:
+            return TargetDecision(name, tower, False, "output head: adapted only when named", cost)
+        if tower not in self.selected:
+            return self._unselected(name, tower, cost)
+        block = self.groups.get(name)
+        if block is not None and block in self.reached_blocks and probe.status(name) != "reached":
+            why = f"expert of the MoE block {block}, which the probe reached (experts are judged as a group)"
+            return TargetDecision(name, tower, True, why, cost)
         if probe is not None and name in probe.candidates and probe.status(name) != "reached":
             reason = probe.reason(name)
-            decision = TargetDecision(name, tower, True, reason, cost, dead=True)
-            if forced:
-                decision.reason = f"forced by target_towers; {reason}"
-                decisions.append(decision)
-            else:
-                dead_candidates.append(decision)
-                decisions.append(decision)
-            continue
-        if tower not in reached and tower != "other" and not (tower == "output" and output_asked):
+            if self.forced:
+                return TargetDecision(name, tower, True, f"forced by target_towers; {reason}", cost, dead=True)
+            return self._candidate(TargetDecision(name, tower, True, reason, cost, dead=True))
+        if tower not in self.reached and tower != "other" and not (tower == "output" and self.output_asked):
             reason = "forced by target_towers (the data does not reach this tower)"
-            decisions.append(TargetDecision(name, tower, True, reason, cost, dead=True))
-            continue
+            return TargetDecision(name, tower, True, reason, cost, dead=True)
         why = "reached: probe saw a non-zero gradient" if probe is not None else "tower reached by the data"
-        decisions.append(TargetDecision(name, tower, True, why, cost))
+        return TargetDecision(name, tower, True, why, cost)
 
-    for key in params:
-        tower = tower_map.tower_of(key)
-        cost = _parameter_lora_params(model, key, rank)
-        if tower not in selected:
-            decision = _unselected(key, tower, cost)
-            decisions.append(decision)
-            if decision.kept:  # a dead candidate: dropped, kept or refused below by `dead_targets`
-                dead_candidates.append(decision)
-            continue
-        block = param_blocks[key]
+    def parameter(self, key: str) -> TargetDecision:
+        """The decision on a parameter `target_parameters` matched (fused 3-D experts), judged by its MoE block."""
+        tower = self.tower_map.tower_of(key)
+        cost = _parameter_lora_params(self.model, key, self.rank)
+        if tower not in self.selected:
+            return self._unselected(key, tower, cost)
+        block = key.rsplit(".", 2)[0]  # the block holding the experts module
+        probe = self.probe
         watched = probe is not None and any(c.startswith(block + ".") for c in probe.candidates)
-        if watched and block not in reached_blocks and not _block_reached(block, probe):
+        if watched and block not in self.reached_blocks and not _block_reached(block, probe):
             reason = f"probe: no module of its block {block} reached on a batch of the data"
             decision = TargetDecision(key, tower, True, reason, cost, dead=True)
-            decisions.append(decision)
-            if not forced:
-                dead_candidates.append(decision)
-            continue
-        if tower not in reached and tower != "other":
+            return decision if self.forced else self._candidate(decision)
+        if tower not in self.reached and tower != "other":
             reason = "forced by target_towers (the data does not reach this tower)"
-            decisions.append(TargetDecision(key, tower, True, reason, cost, dead=True))
-            continue
-        decisions.append(TargetDecision(key, tower, True, "parameter of a tower reached by the data", cost))
+            return TargetDecision(key, tower, True, reason, cost, dead=True)
+        return TargetDecision(key, tower, True, "parameter of a tower reached by the data", cost)
 
+
+def _apply_dead_targets(
+    decisions: list[TargetDecision], dead_candidates: list[TargetDecision], dead_targets: str
+) -> list[str]:
+    """Drop, keep (with a warning) or refuse the dead candidates as `dead_targets` says; warn about forced dead
+    targets. Returns the warnings for the plan.
+
+    Raises:
+        ValueError: Dead candidates under `dead_targets="error"`.
+    """
     plan_warnings: list[str] = []
     if dead_candidates:
         names = [d.name for d in dead_candidates]
@@ -360,7 +399,7 @@ def resolve_targets(
         else:
             message = f"Keeping {len(names)} target module(s) the data does not reach (dead_targets='warn'): {listing}"
             plan_warnings.append(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
+            warnings.warn(message, UserWarning, stacklevel=3)
     forced_dead = [d.name for d in decisions if d.kept and d.dead and d not in dead_candidates]
     if forced_dead:
         message = (
@@ -368,11 +407,12 @@ def resolve_targets(
             f"{_listing(forced_dead)}"
         )
         plan_warnings.append(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return plan_warnings
 
-    kept = [d.name for d in decisions if d.kept]
-    if not kept:
-        raise ValueError(_nothing_left_message(user_targets, matched or params, decisions, tower_map, selected))
+
+def _resolved_config(peft_config: Any, kept: list[str], params: list[str]) -> Any:
+    """A copy of `peft_config` naming exactly the kept module paths (and kept parameters)."""
     kept_modules = [n for n in kept if n not in params]
     resolved = copy.deepcopy(peft_config)
     resolved.target_modules = set(kept_modules) if kept_modules or not params else None
@@ -383,18 +423,7 @@ def resolve_targets(
     for name in ("layers_to_transform", "layers_pattern"):
         if getattr(resolved, name, None) is not None:
             setattr(resolved, name, None)
-    return TargetPlan(
-        peft_config=resolved,
-        decisions=decisions,
-        selected_towers=selected,
-        target_towers=towers_setting,
-        profile=profile,
-        tower_map=tower_map,
-        probe=probe,
-        rank=rank,
-        user_target_modules=user_targets,
-        warnings=plan_warnings,
-    )
+    return resolved
 
 
 def _listing(names: list[str], limit: int = 12) -> str:

@@ -1,7 +1,9 @@
 """mm-trainer: multimodal LoRA fine-tuning on top of TRL.
 
-``MMSFTTrainer`` is a drop-in ``SFTTrainer`` that derives LoRA targets from what the data reaches, and
-``MMSFTConfig`` its ``SFTConfig``. Names are imported lazily so that the command line starts fast.
+`MMSFTTrainer` is a drop-in `SFTTrainer` that derives LoRA targets from what the data reaches, and `MMSFTConfig` its
+`SFTConfig`. `MMTrainerMixin` attaches the same core ([`~mm_trainer.core.run.MultimodalCore`]) to any TRL trainer,
+and `MultimodalArguments` holds the fields every mm-trainer config adds. Names are imported lazily so that the
+command line starts fast.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ _EXPORTS: dict[str, str] = {
     "AuditFailedError": "audit",
     "audit_adapter_dir": "audit",
     "MMSFTConfig": "training.config",
+    "MultimodalArguments": "training.config",
     "MMSFTTrainer": "training.sft",
+    "MMTrainerMixin": "training.mixin",
+    "MultimodalCore": "core.run",
+    "UnseenModalityError": "core.batch_guard",
+    "ReleasedTowerError": "model.release",
     "ModalityProfile": "model.modality",
     "profile_dataset": "model.modality",
     "token_modality": "model.modality",
@@ -24,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "TOWERS": "model.towers",
     "TowerMap": "model.towers",
     "map_towers": "model.towers",
+    "load_quantized_base": "quant",
 }
 
 __all__ = [
@@ -31,10 +39,16 @@ __all__ = [
     "AuditFailedError",
     "MMSFTConfig",
     "MMSFTTrainer",
+    "MMTrainerMixin",
     "ModalityProfile",
+    "MultimodalArguments",
+    "MultimodalCore",
+    "ReleasedTowerError",
     "TargetPlan",
     "TowerMap",
+    "UnseenModalityError",
     "audit_adapter_dir",
+    "load_quantized_base",
     "map_towers",
     "profile_dataset",
     "resolve_targets",
@@ -43,10 +57,15 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditFailedError, audit_adapter_dir
+    from .core.batch_guard import UnseenModalityError
+    from .core.run import MultimodalCore
     from .model.modality import ModalityProfile, profile_dataset, token_modality
+    from .model.release import ReleasedTowerError
     from .model.targets import TargetPlan, resolve_targets
     from .model.towers import TOWERS, TowerMap, map_towers
-    from .training.config import MMSFTConfig
+    from .quant import load_quantized_base
+    from .training.config import MMSFTConfig, MultimodalArguments
+    from .training.mixin import MMTrainerMixin
     from .training.sft import MMSFTTrainer
 
 

@@ -1,8 +1,8 @@
 """The audit of a LoRA run: which adapters actually trained, effective vs nominal parameters, training dynamics.
 
-At every save ``MMSFTTrainer`` writes ``audit.json``, ``AUDIT.md`` and plots next to the adapter
-(:class:`TrainingAuditor`); ``mm-trainer audit PATH`` audits any saved PEFT LoRA adapter from its files alone
-(:func:`audit_adapter_dir`).
+At every save `MMSFTTrainer` writes `audit.json`, `AUDIT.md` and plots next to the adapter
+([`TrainingAuditor`]); `mm-trainer audit PATH` audits any saved PEFT LoRA adapter from its files alone
+([`audit_adapter_dir`]).
 """
 
 from __future__ import annotations

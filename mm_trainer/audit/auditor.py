@@ -1,4 +1,4 @@
-"""``TrainingAuditor``: the audit's hooks into ``MMSFTTrainer`` (init record, save, model card, push guard)."""
+"""`TrainingAuditor`: the audit's hooks into `MMSFTTrainer` (init record, save, model card, push guard)."""
 
 from __future__ import annotations
 
@@ -29,17 +29,17 @@ AUDIT_JSON = "audit.json"
 AUDIT_MD = "AUDIT.md"
 AUDIT_ERROR = "audit_error.txt"
 AUDIT_FILES: tuple[str, ...] = (AUDIT_JSON, AUDIT_MD, LOSS_PLOT, GRAD_NORM_PLOT)
-"""Files the audit writes next to the adapter (none starts with ``_``: the Trainer's Hub upload skips those)."""
+"""Files the audit writes next to the adapter (none starts with `_`: the Trainer's Hub upload skips those)."""
 
 
 class AuditFailedError(RuntimeError):
-    """Raised by ``push_to_hub`` when the audit's verdict is ``fail`` and ``audit_block_failed_push`` is on."""
+    """Raised by `push_to_hub` when the audit's verdict is `fail` and `audit_block_failed_push` is on."""
 
 
 def write_audit_files(audit: dict[str, Any], output_dir: Path, plots: bool = True) -> dict[str, Any]:
-    """Write the plots, ``AUDIT.md`` and ``audit.json`` (last) into ``output_dir``; returns the audit as written.
+    """Write the plots, `AUDIT.md` and `audit.json` (last) into `output_dir`; returns the audit as written.
 
-    A plot that cannot be drawn does not stop the rest: its error goes into ``audit["files"]["plots_error"]``.
+    A plot that cannot be drawn does not stop the rest: its error goes into `audit["files"]["plots_error"]`.
     Plot files of an earlier save that this one does not redraw are removed.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -73,10 +73,10 @@ class TrainingAuditor:
             [`guard_push`] to keep a refused run.
 
     Attributes:
-        record: The :class:`~mm_trainer.audit.record.InitRecord`.
-        last_audit: The audit written by the last successful save (``None`` before).
+        record: The [`~mm_trainer.audit.record.InitRecord`].
+        last_audit: The audit written by the last successful save (`None` before).
         unknown_reason: Set when the run's engine does not let the audit be exact (e.g. FSDP1): the verdict is then
-            ``"unknown"`` with this reason first, which never blocks a push.
+            `"unknown"` with this reason first, which never blocks a push.
     """
 
     def __init__(
@@ -111,8 +111,8 @@ class TrainingAuditor:
 
     def prepare_save(self) -> None:
         """Build the audit of the run as it stands; call it on every process at the same points (before a save's
-        :meth:`on_save` and before the end-of-training summary), as building may gather sharded weights. Never
-        raises: an audit that cannot be built is reported by :meth:`on_save`, which builds it again."""
+        [`on_save`] and before the end-of-training summary), as building may gather sharded weights. Never
+        raises: an audit that cannot be built is reported by [`on_save`], which builds it again."""
         try:
             self.report()
         except Exception:
@@ -131,11 +131,11 @@ class TrainingAuditor:
 
     # ---------------------------------------------------------------------------------------------------------------
     def on_save(self, output_dir: Path) -> dict[str, Any] | None:
-        """Write the audit next to the adapter just saved in ``output_dir``. Never raises.
+        """Write the audit next to the adapter just saved in `output_dir`. Never raises.
 
-        With ``serving_clean_save`` (and not in a ``checkpoint-*`` folder, which must stay resumable), the untrained
+        With `serving_clean_save` (and not in a `checkpoint-*` folder, which must stay resumable), the untrained
         adapters are stripped from the saved adapter first. If anything fails, the adapter stays as saved, stale
-        audit files are removed, the traceback goes to ``audit_error.txt`` and a warning is issued.
+        audit files are removed, the traceback goes to `audit_error.txt` and a warning is issued.
         """
         args = self.args
         try:
@@ -183,8 +183,8 @@ class TrainingAuditor:
         )
 
     def on_model_card(self, output_dir: Path, audit: dict[str, Any]) -> None:
-        """Put the section of ``audit`` (the audit of the latest save) into the ``README.md`` model card in
-        ``output_dir``, when there is one. Never raises."""
+        """Put the section of `audit` (the audit of the latest save) into the `README.md` model card in
+        `output_dir`, when there is one. Never raises."""
         readme = output_dir / "README.md"
         try:
             add_to_card(readme, audit)
@@ -193,13 +193,13 @@ class TrainingAuditor:
 
     # ---------------------------------------------------------------------------------------------------------------
     def guard_push(self) -> None:
-        """Refuse ``push_to_hub`` before any Hub call when the verdict is ``fail`` (``audit_block_failed_push``).
+        """Refuse `push_to_hub` before any Hub call when the verdict is `fail` (`audit_block_failed_push`).
 
-        The adapter and its audit are saved to ``output_dir`` first (unless this step is already saved there), so
+        The adapter and its audit are saved to `output_dir` first (unless this step is already saved there), so
         the user keeps the run and the reasons. An audit that cannot be built does not block the push (warned).
 
         Raises:
-            AuditFailedError: When the verdict is ``fail`` and blocking is on.
+            AuditFailedError: When the verdict is `fail` and blocking is on.
         """
         args = self.args
         if not getattr(args, "audit_block_failed_push", True):
@@ -222,8 +222,8 @@ class TrainingAuditor:
         )
 
     def before_checkpoint_push(self, checkpoint_folder: Path) -> bool:
-        """Bring the checkpoint's audit files into ``output_dir`` for the Trainer's checkpoint push; ``False`` (skip
-        this push, with a warning) when the checkpoint's verdict is ``fail`` and ``audit_block_failed_push`` is on."""
+        """Bring the checkpoint's audit files into `output_dir` for the Trainer's checkpoint push; `False` (skip
+        this push, with a warning) when the checkpoint's verdict is `fail` and `audit_block_failed_push` is on."""
         args = self.args
         output_dir = Path(args.output_dir)
         audit = None
@@ -267,7 +267,7 @@ class TrainingAuditor:
         return lines
 
     def print_summary(self) -> None:
-        """Print :meth:`summary_lines` (never raises: it runs at the end of ``train``)."""
+        """Print [`summary_lines`] (never raises: it runs at the end of `train`)."""
         try:
             from rich.markup import escape
 
@@ -288,6 +288,6 @@ class TrainingAuditor:
         return self.record.state_dict()
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore the init record from a checkpoint; ``None`` marks it lost (then movement is not checked)."""
+        """Restore the init record from a checkpoint; `None` marks it lost (then movement is not checked)."""
         self.record.load_state_dict(state)
         self._cache = None

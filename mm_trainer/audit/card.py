@@ -1,4 +1,4 @@
-"""The audit section of the model card (the ``README.md`` TRL and PEFT write next to the adapter)."""
+"""The audit section of the model card (the `README.md` TRL and PEFT write next to the adapter)."""
 
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ def card_error_section(error_file: str) -> str:
 
 
 def add_to_card(readme: Path, audit: Mapping[str, Any] | None, section: str | None = None) -> bool:
-    """Put the audit section (or ``section``) into ``readme``, replacing an earlier one.
+    """Put the audit section (or `section`) into `readme`, replacing an earlier one.
 
     Returns:
-        ``False`` when there is no such file (nothing is written).
+        `False` when there is no such file (nothing is written).
     """
     if not readme.is_file():
         return False

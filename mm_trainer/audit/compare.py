@@ -1,23 +1,23 @@
 """Compare finished runs from their audits: loss and per-tower gradient-norm curves in one PNG, plus a table.
 
-Each run directory must hold the ``audit.json`` that :class:`~mm_trainer.MMSFTTrainer` writes at ``save_model``.
+Each run directory must hold the `audit.json` that [`~mm_trainer.MMSFTTrainer`] writes at `save_model`.
 Curves are drawn against the optimizer step, so runs of different lengths and logging intervals line up.
 
 Table columns (fixed rules, so tables of different studies compare):
 
-- ``final_loss`` / ``min_loss``: the last logged training loss (NaN when the run ended diverged: the audit records
-  the loss before transformers' ``logging_nan_inf_filter``) and the smallest finite one.
-- ``grad_norm_p10`` / ``grad_norm_median`` / ``grad_norm_p90``: the band of the Trainer's total gradient norm (before
-  clipping) after warm-up. Warm-up is the first ``max(warmup_steps, ceil(10% of the run's last step))`` steps: LoRA
+- `final_loss` / `min_loss`: the last logged training loss (NaN when the run ended diverged: the audit records
+  the loss before transformers' `logging_nan_inf_filter`) and the smallest finite one.
+- `grad_norm_p10` / `grad_norm_median` / `grad_norm_p90`: the band of the Trainer's total gradient norm (before
+  clipping) after warm-up. Warm-up is the first `max(warmup_steps, ceil(10% of the run's last step))` steps: LoRA
   gradients start near zero (B = 0) or high (PiSSA), and the band should describe the settled run.
-- ``peak_grad_norm`` / ``peak_grad_step``: the largest logged total gradient norm over the whole run (early peaks are
+- `peak_grad_norm` / `peak_grad_step`: the largest logged total gradient norm over the whole run (early peaks are
   what the LoRA-init study compares).
-- ``spikes``: loss / gradient-norm spikes the audit found (its rule: a value >= 1.5x (loss) or 5x (gradient norm) the
+- `spikes`: loss / gradient-norm spikes the audit found (its rule: a value >= 1.5x (loss) or 5x (gradient norm) the
   median of the preceding values).
-- ``effective_trainable`` / ``nominal_trainable`` and ``verdict``: from the audit.
+- `effective_trainable` / `nominal_trainable` and `verdict`: from the audit.
 
 Every gradient-norm number and curve (table, plot) is the same series: the value at each logged optimizer step, before
-clipping (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`); the plot draws the Trainer's total norm ("all
+clipping ([`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`]); the plot draws the Trainer's total norm ("all
 trainable", whose peak the table reports) above the per-tower ones.
 """
 
@@ -37,7 +37,7 @@ from .dynamics import GRAD_NORM_AGGREGATION, band
 AUDIT_FILE = "audit.json"
 WARMUP_SHARE = 0.10
 MAX_AUDIT_BYTES = 256 * 2**20
-"""An ``audit.json`` larger than this is refused unread (a training audit is a few hundred KB)."""
+"""An `audit.json` larger than this is refused unread (a training audit is a few hundred KB)."""
 
 
 class RunDirError(ValueError):
@@ -74,7 +74,7 @@ def init_scheme(audit: dict[str, Any]) -> str:
 
 
 def run_label(audit: dict[str, Any]) -> str:
-    """``init scheme`` + ``+qlora`` (4-bit base without LoftQ) + ``+imod``, e.g. ``pissa``, ``lora+qlora+imod``."""
+    """`init scheme` + `+qlora` (4-bit base without LoftQ) + `+imod`, e.g. `pissa`, `lora+qlora+imod`."""
     training = audit.get("training") or {}
     label = init_scheme(audit)
     if training.get("quantization") == "qlora":
@@ -85,7 +85,7 @@ def run_label(audit: dict[str, Any]) -> str:
 
 
 def _points(raw: Any, path: Path, key: str) -> list[tuple[int, float]]:
-    """``[[step, value], ...]`` as numbers (``"nan"`` / ``"inf"`` strings as floats); refuses any other shape."""
+    """`[[step, value], ...]` as numbers (`"nan"` / `"inf"` strings as floats); refuses any other shape."""
     if not isinstance(raw, list):
         raise RunDirError(f"{path}: {AUDIT_FILE} dynamics.series.{key} is a {type(raw).__name__}, not a list.")
     out = []
@@ -108,7 +108,7 @@ def load_run(path: str | Path) -> Run:
     """Read one run directory's audit.
 
     Raises:
-        RunDirError: The directory or its ``audit.json`` is missing or unreadable; the message names the directory.
+        RunDirError: The directory or its `audit.json` is missing or unreadable; the message names the directory.
     """
     path = Path(path)
     if not path.is_dir():
@@ -162,7 +162,7 @@ def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 
 def warmup_steps(run: Run) -> int:
-    """Steps excluded from the gradient-norm band: ``max(warmup_steps, ceil(10% of the last logged step))``."""
+    """Steps excluded from the gradient-norm band: `max(warmup_steps, ceil(10% of the last logged step))`."""
     last = max((s for s, _ in run.series.get("loss", []) + run.series.get("grad_norm", [])), default=0)
     configured = int((run.audit.get("training") or {}).get("warmup_steps") or 0)
     return max(configured, math.ceil(WARMUP_SHARE * last))
@@ -201,7 +201,7 @@ def draw(runs: Sequence[Run], out: str | Path) -> Any:
     """One PNG: the loss and, per tower, the adapters' gradient norm over optimizer steps, a line per run.
 
     Returns:
-        The matplotlib ``Figure`` (saved to ``out``).
+        The matplotlib `Figure` (saved to `out`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -245,10 +245,10 @@ def draw(runs: Sequence[Run], out: str | Path) -> Any:
 
 
 def compare(paths: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
-    """Load, summarise and (when ``out`` is given) plot runs.
+    """Load, summarise and (when `out` is given) plot runs.
 
     Returns:
-        ``{"runs": [row, ...], "plot": str | None}``.
+        `{"runs": [row, ...], "plot": str | None}`.
     """
     if out is not None:
         folder = Path(out).parent

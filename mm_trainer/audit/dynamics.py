@@ -1,24 +1,24 @@
-"""Training dynamics from the Trainer's ``log_history`` and the tower telemetry: loss, gradient-norm band, spikes.
+"""Training dynamics from the Trainer's `log_history` and the tower telemetry: loss, gradient-norm band, spikes.
 
 Rules (fixed, so that audits of different runs compare):
 
-- **Loss trend** needs at least :data:`MIN_POINTS_FOR_TREND` logged losses; it compares the mean of the first
+- **Loss trend** needs at least [`MIN_POINTS_FOR_TREND`] logged losses; it compares the mean of the first
   quarter of the logged losses with the mean of the last quarter. Fewer points: no trend is claimed.
-- **Spikes**: a logged value is a spike when it is at least :data:`LOSS_SPIKE_FACTOR` (loss) or
-  :data:`GRAD_SPIKE_FACTOR` (gradient norms) times the median of the up to :data:`SPIKE_WINDOW` finite values logged
-  before it, once at least :data:`SPIKE_MIN_HISTORY` of them exist (so the early growth of LoRA gradients, whose B
+- **Spikes**: a logged value is a spike when it is at least [`LOSS_SPIKE_FACTOR`] (loss) or
+  [`GRAD_SPIKE_FACTOR`] (gradient norms) times the median of the up to [`SPIKE_WINDOW`] finite values logged
+  before it, once at least [`SPIKE_MIN_HISTORY`] of them exist (so the early growth of LoRA gradients, whose B
   starts at zero, is not taken for a spike).
-- **Early divergence**: within the first :data:`EARLY_POINTS` logged points, a gradient norm at least
-  :data:`EARLY_DIVERGENCE_FACTOR` times the first positive one logged (the spike rule cannot see these: it needs
-  :data:`SPIKE_MIN_HISTORY` earlier points). Read on the Trainer's total norm, or on the per-tower norms when the
+- **Early divergence**: within the first [`EARLY_POINTS`] logged points, a gradient norm at least
+  [`EARLY_DIVERGENCE_FACTOR`] times the first positive one logged (the spike rule cannot see these: it needs
+  [`SPIKE_MIN_HISTORY`] earlier points). Read on the Trainer's total norm, or on the per-tower norms when the
   Trainer logged none.
 - **Band**: min, 10th percentile, median, 90th percentile and max of the finite values.
 
-Aggregation (the same in ``audit.json``, the audit's plots and ``mm-trainer compare``): every gradient norm is the
-value of the optimizer step at which it was logged (the Trainer's ``grad_norm`` and the telemetry's
-``grad_norm/<tower>`` alike, before clipping), not a mean over the logging window: see :data:`GRAD_NORM_AGGREGATION`.
-The loss is the Trainer's logged mean over the logging window, taken before transformers' ``logging_nan_inf_filter``
-when mm-trainer recorded it (:mod:`~mm_trainer.audit.raw_loss`), so a NaN step shows as NaN.
+Aggregation (the same in `audit.json`, the audit's plots and `mm-trainer compare`): every gradient norm is the
+value of the optimizer step at which it was logged (the Trainer's `grad_norm` and the telemetry's
+`grad_norm/<tower>` alike, before clipping), not a mean over the logging window: see [`GRAD_NORM_AGGREGATION`].
+The loss is the Trainer's logged mean over the logging window, taken before transformers' `logging_nan_inf_filter`
+when mm-trainer recorded it ([`~mm_trainer.audit.raw_loss`]), so a NaN step shows as NaN.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ EARLY_POINTS = 10
 EARLY_DIVERGENCE_FACTOR = 1000.0
 
 GRAD_NORM_AGGREGATION = "value at the logged optimizer step, before clipping"
-"""How every gradient-norm point is aggregated, as labelled in the audit, its plots and ``mm-trainer compare``."""
+"""How every gradient-norm point is aggregated, as labelled in the audit, its plots and `mm-trainer compare`."""
 
 LOSS_AGGREGATION = "mean over the logging window, before logging_nan_inf_filter"
 """How every loss point is aggregated (when mm-trainer recorded the unfiltered loss; else as the Trainer logged it)."""
@@ -47,7 +47,7 @@ _NON_FINITE = ("nan", "inf", "-inf")
 
 
 def series(history: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of every history entry that holds ``key`` (in log order)."""
+    """`(step, value)` of every history entry that holds `key` (in log order)."""
     out = []
     for entry in history:
         value = entry.get(key)
@@ -59,14 +59,14 @@ def series(history: Iterable[Mapping[str, Any]], key: str) -> list[tuple[int, fl
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation percentile of an ascending list (``q`` in [0, 1])."""
+    """Linear-interpolation percentile of an ascending list (`q` in [0, 1])."""
     pos = q * (len(sorted_values) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def band(values: Iterable[float]) -> dict[str, Any] | None:
-    """min / p10 / median / p90 / max of the finite values (``None`` when there is none)."""
+    """min / p10 / median / p90 / max of the finite values (`None` when there is none)."""
     finite = sorted(v for v in values if math.isfinite(v))
     if not finite:
         return None
@@ -81,7 +81,7 @@ def band(values: Iterable[float]) -> dict[str, Any] | None:
 
 
 def spikes(points: list[tuple[int, float]], factor: float, metric: str) -> list[dict[str, Any]]:
-    """Values at least ``factor`` times the median of the preceding window (see the module docstring)."""
+    """Values at least `factor` times the median of the preceding window (see the module docstring)."""
     found = []
     previous: list[float] = []
     for step, value in points:
@@ -98,7 +98,7 @@ def spikes(points: list[tuple[int, float]], factor: float, metric: str) -> list[
 
 
 def early_divergence(points: list[tuple[int, float]], metric: str) -> list[dict[str, Any]]:
-    """Points among the first :data:`EARLY_POINTS` at least :data:`EARLY_DIVERGENCE_FACTOR` times the first positive
+    """Points among the first [`EARLY_POINTS`] at least [`EARLY_DIVERGENCE_FACTOR`] times the first positive
     finite value (see the module docstring); a non-finite value there counts too."""
     found = []
     baseline = None
@@ -124,7 +124,7 @@ def merge_raw_loss(logged: list[tuple[int, float]], raw: list[Mapping[str, Any]]
 
 
 def loss_summary(points: list[tuple[int, float]]) -> dict[str, Any] | None:
-    """First / last / min loss, non-finite steps and the trend (``decreasing``: ``None`` when too few points)."""
+    """First / last / min loss, non-finite steps and the trend (`decreasing`: `None` when too few points)."""
     if not points:
         return None
     finite = [(s, v) for s, v in points if math.isfinite(v)]
@@ -156,13 +156,13 @@ def training_dynamics(
     """The dynamics section of the audit.
 
     Args:
-        log_history: ``trainer.state.log_history``.
-        telemetry_history: ``trainer.telemetry.history`` (per-tower ``grad_norm/<tower>`` per log), if any.
-        raw_loss: ``trainer.raw_loss.history`` (the unfiltered loss per log), if any.
+        log_history: `trainer.state.log_history`.
+        telemetry_history: `trainer.telemetry.history` (per-tower `grad_norm/<tower>` per log), if any.
+        raw_loss: `trainer.raw_loss.history` (the unfiltered loss per log), if any.
 
     Returns:
-        ``loss`` (see :func:`loss_summary`), ``eval_loss``, ``grad_norm`` (band of the Trainer's total norm and,
-        per tower, of the telemetry's), ``learning_rate``, ``spikes`` and the raw ``series`` (for the plots).
+        `loss` (see [`loss_summary`]), `eval_loss`, `grad_norm` (band of the Trainer's total norm and,
+        per tower, of the telemetry's), `learning_rate`, `spikes` and the raw `series` (for the plots).
     """
     telemetry_history = telemetry_history or []
     loss = merge_raw_loss(series(log_history, "loss"), raw_loss)

@@ -1,4 +1,4 @@
-"""Render an audit dict as ``AUDIT.md``: what a person reads before using or publishing an adapter."""
+"""Render an audit dict as `AUDIT.md`: what a person reads before using or publishing an adapter."""
 
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ def _kv_lines(data: Mapping[str, Any]) -> list[str]:
 
 
 def render_markdown(audit: Mapping[str, Any]) -> str:
-    """``AUDIT.md`` for an audit built by :func:`~mm_trainer.audit.report.build_audit`."""
+    """`AUDIT.md` for an audit built by [`~mm_trainer.audit.report.build_audit`]."""
     verdict = audit["verdict"]
     lines = [
         "# mm-trainer audit",

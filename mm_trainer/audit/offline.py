@@ -1,19 +1,19 @@
-"""Audit a saved PEFT LoRA adapter from its files alone (``adapter_config.json`` + weights), no base model needed.
+"""Audit a saved PEFT LoRA adapter from its files alone (`adapter_config.json` + weights), no base model needed.
 
 What the files can tell:
 
-- An adapter whose update ``B @ A`` is exactly zero (``lora_B`` all zero, or ``lora_A`` all zero for embedding
+- An adapter whose update `B @ A` is exactly zero (`lora_B` all zero, or `lora_A` all zero for embedding
   LoRA) changes nothing: it is **dead**, whatever its init.
-- An adapter with ``lora_A`` but no ``lora_B`` (or the reverse) in its weights is **missing** (dead: PEFT would
+- An adapter with `lora_A` but no `lora_B` (or the reverse) in its weights is **missing** (dead: PEFT would
   load the absent factor at its init value, so the saved training is not all there).
-- An adapter holding NaN or infinity is listed in ``non_finite``; the audit then fails (exit 1) whatever the statuses.
-- Under an init whose product starts at zero (``init_lora_weights`` ``True``, ``"gaussian"``, ``"eva"``) an adapter
+- An adapter holding NaN or infinity is listed in `non_finite`; the audit then fails (exit 1) whatever the statuses.
+- Under an init whose product starts at zero (`init_lora_weights` `True`, `"gaussian"`, `"eva"`) an adapter
   whose product is non-zero has moved, i.e. **trained**.
-- Under the other inits (PiSSA, OLoRA, LoftQ, CorDA, orthogonal, LoRA-GA, ``False``) A and B start non-zero, so a
-  non-zero adapter may or may not have trained: **unverified**, unless the folder holds the ``audit.json`` mm-trainer
+- Under the other inits (PiSSA, OLoRA, LoftQ, CorDA, orthogonal, LoRA-GA, `False`) A and B start non-zero, so a
+  non-zero adapter may or may not have trained: **unverified**, unless the folder holds the `audit.json` mm-trainer
   wrote at training time, whose per-module status (from fingerprints taken at init) is then used.
 
-Towers come from the module names (:func:`~mm_trainer.model.towers.tower_from_name`).
+Towers come from the module names ([`~mm_trainer.model.towers.tower_from_name`]).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from .serving import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .status import DEAD_STATUSES
 
 ZERO_PRODUCT_INITS: tuple[Any, ...] = (True, "gaussian", "eva")
-"""``init_lora_weights`` values under which ``B @ A`` is zero at init."""
+"""`init_lora_weights` values under which `B @ A` is zero at init."""
 
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 MAX_CONFIG_BYTES = 64 * 2**20
-"""Largest ``adapter_config.json`` / ``audit.json`` read (real ones are a few KB / a few hundred KB)."""
+"""Largest `adapter_config.json` / `audit.json` read (real ones are a few KB / a few hundred KB)."""
 
 
 class AdapterDirError(ValueError):
@@ -63,7 +63,7 @@ def _find_dir(path: Path) -> Path:
 
 
 def read_json_file(file: Path, what: str = "JSON") -> Any:
-    """The JSON in ``file``, refusing files over :data:`MAX_CONFIG_BYTES` and nesting Python cannot parse.
+    """The JSON in `file`, refusing files over [`MAX_CONFIG_BYTES`] and nesting Python cannot parse.
 
     Raises:
         AdapterDirError: Unreadable, too large, not UTF-8, not JSON or nested too deeply; the message names the file.
@@ -114,7 +114,7 @@ def _load_tensors(path: Path) -> dict[str, Any]:
 
 
 def _training_audit(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """mm-trainer's ``audit.json`` beside the adapter, and why it was not used (``None``: used, or absent)."""
+    """mm-trainer's `audit.json` beside the adapter, and why it was not used (`None`: used, or absent)."""
     from .auditor import AUDIT_JSON
 
     file = path / AUDIT_JSON
@@ -144,15 +144,15 @@ def _zero_product_init(init: Any) -> bool:
 
 
 def audit_adapter_dir(path: str | Path) -> dict[str, Any]:
-    """Audit the PEFT LoRA adapter in ``path`` (a folder, or a file in it).
+    """Audit the PEFT LoRA adapter in `path` (a folder, or a file in it).
 
     Returns:
-        ``path``, ``adapter_config`` (r, alpha, init, targets), ``source`` (``"training_audit"`` when mm-trainer's
-        ``audit.json`` gave the statuses, else ``"weights"``), ``training_verdict``, ``modules`` (``name``,
-        ``tower``, ``params``, ``status``: ``trained`` / ``dead`` / ``unverified`` or a training-audit status,
-        ``dead``, ``reason``, norms), ``towers`` (per tower counts and parameters), ``params`` (``nominal``,
-        ``effective``, ``dead``, ``other``: non-LoRA trainable tensors such as ``modules_to_save``, counted as
-        effective; ``saved_base``: frozen base weights PEFT saved along, not counted), ``dead_groups`` (tower -> ``[pattern, count]``) and ``clean``.
+        `path`, `adapter_config` (r, alpha, init, targets), `source` (`"training_audit"` when mm-trainer's
+        `audit.json` gave the statuses, else `"weights"`), `training_verdict`, `modules` (`name`,
+        `tower`, `params`, `status`: `trained` / `dead` / `unverified` or a training-audit status,
+        `dead`, `reason`, norms), `towers` (per tower counts and parameters), `params` (`nominal`,
+        `effective`, `dead`, `other`: non-LoRA trainable tensors such as `modules_to_save`, counted as
+        effective; `saved_base`: frozen base weights PEFT saved along, not counted), `dead_groups` (tower -> `[pattern, count]`) and `clean`.
 
     Raises:
         AdapterDirError: Missing files, unreadable files, or not a LoRA adapter.
@@ -227,8 +227,8 @@ def _group_by_module(folder: Path, tensors: Any) -> tuple[dict[str, dict[str, An
     for key, tensor in tensors.items():
         module = module_of_key(key)
         if module is None:
-            # ``.base_layer.`` keys are frozen base weights PEFT saves along (``save_embedding_layers``); the rest
-            # (``modules_to_save``, trainable tokens) was trained in full.
+            # `.base_layer.` keys are frozen base weights PEFT saves along (`save_embedding_layers`); the rest
+            # (`modules_to_save`, trainable tokens) was trained in full.
             if ".base_layer." in key:
                 saved_base += tensor.numel()
             else:
@@ -305,7 +305,7 @@ def _tower_rows(modules: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def _norm(tensor: Any) -> float | str | None:
-    """Frobenius norm in float64 (no overflow for finite float32 weights); ``"nan"`` / ``"inf"`` as strings."""
+    """Frobenius norm in float64 (no overflow for finite float32 weights); `"nan"` / `"inf"` as strings."""
     if tensor is None:
         return None
     import math

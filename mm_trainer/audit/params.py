@@ -16,10 +16,10 @@ from .status import ModuleAudit
 
 
 def other_trainable(model: nn.Module, adapters: Iterable[LoraAdapter]) -> dict[str, nn.Parameter]:
-    """Trainable parameters that are not an adapter's A or B (``modules_to_save``, trainable tokens, biases),
+    """Trainable parameters that are not an adapter's A or B (`modules_to_save`, trainable tokens, biases),
     by name in the base model.
 
-    A and B are told apart by name (:attr:`~mm_trainer.model.adapters.LoraAdapter.param_names`), not by object: FSDP2
+    A and B are told apart by name ([`~mm_trainer.model.adapters.LoraAdapter.param_names`]), not by object: FSDP2
     replaces every parameter object when the model is prepared.
     """
     adapters = list(adapters)
@@ -40,20 +40,20 @@ def param_summary(
     other: Mapping[str, nn.Parameter],
     other_moved: Mapping[str, bool],
 ) -> dict[str, Any]:
-    """The ``params`` section of the audit.
+    """The `params` section of the audit.
 
-    The figures are defined in [`~mm_trainer.model.figures`]: ``nominal_trainable`` counts every trainable parameter
-    (what PEFT's ``print_trainable_parameters`` shows); ``effective_trainable`` only those that learned: adapters with
-    status ``trained`` and other trainable parameters that moved since init (all of them when the init record was
-    lost). ``base_params`` per tower is the tower map's count (the start-up plan shows the same number);
-    ``base_params_4bit`` the part of it in bitsandbytes 4-bit weights now.
+    The figures are defined in [`~mm_trainer.model.figures`]: `nominal_trainable` counts every trainable parameter
+    (what PEFT's `print_trainable_parameters` shows); `effective_trainable` only those that learned: adapters with
+    status `trained` and other trainable parameters that moved since init (all of them when the init record was
+    lost). `base_params` per tower is the tower map's count (the start-up plan shows the same number);
+    `base_params_4bit` the part of it in bitsandbytes 4-bit weights now.
 
     Args:
         model: The (PEFT-wrapped) model.
         tower_map: Tower map of the base model.
         modules: The adapters' audits.
-        other: Other trainable parameters by name (see :func:`other_trainable`).
-        other_moved: Per name in ``other``, whether it moved since init (missing: unknown).
+        other: Other trainable parameters by name (see [`other_trainable`]).
+        other_moved: Per name in `other`, whether it moved since init (missing: unknown).
     """
     per_tower: dict[str, dict[str, int]] = {}
 

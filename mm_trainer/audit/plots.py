@@ -12,7 +12,7 @@ from .dynamics import GRAD_NORM_AGGREGATION
 
 LOSS_PLOT = "audit_loss.png"
 GRAD_NORM_PLOT = "audit_grad_norm.png"
-"""Plot file names (they must not start with ``_``: the Trainer's Hub upload skips those)."""
+"""Plot file names (they must not start with `_`: the Trainer's Hub upload skips those)."""
 
 
 def _figure() -> Any:
@@ -25,7 +25,7 @@ def _figure() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Render ``fig`` as PNG and write it atomically (a kill mid-save leaves the previous file or none)."""
+    """Render `fig` as PNG and write it atomically (a kill mid-save leaves the previous file or none)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
@@ -41,11 +41,11 @@ def _finite(points: list[Any]) -> tuple[list[float], list[float]]:
 
 
 def write_plots(dynamics: Mapping[str, Any], output_dir: Path) -> list[str]:
-    """Draw the plots the logged data allows into ``output_dir``; returns their file names.
+    """Draw the plots the logged data allows into `output_dir`; returns their file names.
 
-    ``audit_loss.png``: training (and evaluation) loss over optimizer steps. ``audit_grad_norm.png``: the Trainer's
+    `audit_loss.png`: training (and evaluation) loss over optimizer steps. `audit_grad_norm.png`: the Trainer's
     total gradient norm and each tower's adapter gradient norm (log scale), each the value at the logged optimizer
-    step, before clipping (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`).
+    step, before clipping ([`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`]).
     """
     from matplotlib.ticker import MaxNLocator
 

@@ -1,10 +1,10 @@
-"""The training loss as the model returned it, for the audit: before transformers' ``logging_nan_inf_filter``.
+"""The training loss as the model returned it, for the audit: before transformers' `logging_nan_inf_filter`.
 
 With that filter on (the default) a NaN or infinite step loss is replaced, in the logged mean, by the mean of the
-finite ones, so ``log_history`` can show a diverged run with a normal loss. :class:`RawLoss` sums the same per-step
-values the Trainer sums (``training_step``'s return) without the filter, on the device (no host sync per step), and
+finite ones, so `log_history` can show a diverged run with a normal loss. [`RawLoss`] sums the same per-step
+values the Trainer sums (`training_step`'s return) without the filter, on the device (no host sync per step), and
 turns them into one logged value per logging window with the Trainer's own arithmetic (sum / optimizer steps, mean
-over processes): equal to the logged ``loss`` whenever every step was finite, NaN / infinite when one was not.
+over processes): equal to the logged `loss` whenever every step was finite, NaN / infinite when one was not.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class RawLoss:
     """Per-logging-window mean of the unfiltered training loss.
 
     Attributes:
-        history: ``{"step": optimizer step, "loss": value}`` per logged window (value may be ``nan`` / ``inf``).
+        history: `{"step": optimizer step, "loss": value}` per logged window (value may be `nan` / `inf`).
     """
 
     def __init__(self) -> None:
@@ -29,7 +29,7 @@ class RawLoss:
         self._steps = 0
 
     def add(self, loss: torch.Tensor, optimizer_step_done: bool) -> None:
-        """Add one micro-batch's loss (``training_step``'s return); ``optimizer_step_done`` on its last micro-batch."""
+        """Add one micro-batch's loss (`training_step`'s return); `optimizer_step_done` on its last micro-batch."""
         value = loss.detach()
         if self._sum is None or self._sum.device != value.device:
             self._sum = torch.zeros((), dtype=torch.float32, device=value.device)
@@ -37,7 +37,7 @@ class RawLoss:
         self._steps += int(bool(optimizer_step_done))
 
     def flush(self, step: int, mean_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Close the logging window at optimizer ``step`` (call on every process at the Trainer's loss logs)."""
+        """Close the logging window at optimizer `step` (call on every process at the Trainer's loss logs)."""
         if self._sum is None or self._steps == 0:
             return
         total = self._sum if mean_over_processes is None else mean_over_processes(self._sum)
@@ -54,7 +54,7 @@ class RawLoss:
         return {"history": [{"step": h["step"], "loss": _json_float(h["loss"])} for h in self.history]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore what :meth:`state_dict` saved (``None``: a checkpoint without it; the history restarts)."""
+        """Restore what [`state_dict`] saved (`None`: a checkpoint without it; the history restarts)."""
         history = (state or {}).get("history") or []
         if not isinstance(history, list):
             raise TypeError(f"raw_loss.history is a {type(history).__name__}")

@@ -6,8 +6,8 @@ which at 128 bits do not happen by chance), so "untouched" and "moved" are told 
 too small to show in a norm. Cost: one pass over the bytes on the host per tensor (SHA-256 runs at 2-3 GB/s on CPUs
 with SHA extensions), only at init and at each save.
 
-Sharded weights (FSDP2 ``DTensor``, DeepSpeed ZeRO-3 partitions) are fingerprinted whole, gathered on every rank:
-the record and every comparison are built on every rank at the same points (construction, ``prepare_save``), so the
+Sharded weights (FSDP2 `DTensor`, DeepSpeed ZeRO-3 partitions) are fingerprinted whole, gathered on every rank:
+the record and every comparison are built on every rank at the same points (construction, `prepare_save`), so the
 gathers match, and every rank holds the same fingerprints as a DDP run of the same weights.
 """
 
@@ -24,7 +24,7 @@ from ..distributed.sharding import gathered
 from ..model.adapters import LoraAdapter
 
 RECORD_FORMAT = 1
-"""Version of :meth:`InitRecord.state_dict`'s layout."""
+"""Version of [`InitRecord.state_dict`]'s layout."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Fingerprint:
 
     Attributes:
         digest: SHA-256 of the tensor's bytes (with its dtype and shape), first 128 bits, hex.
-        norm: Frobenius norm (``nan``/``inf`` when the tensor holds a non-finite value).
+        norm: Frobenius norm (`nan`/`inf` when the tensor holds a non-finite value).
         nonzero: Number of non-zero elements (exact; a norm can underflow to 0 for tiny values).
         numel: Number of elements.
     """
@@ -56,7 +56,7 @@ class Fingerprint:
 
 @torch.no_grad()
 def fingerprint(tensor: torch.Tensor) -> Fingerprint:
-    """The :class:`Fingerprint` of ``tensor`` (any device, any dtype)."""
+    """The [`Fingerprint`] of `tensor` (any device, any dtype)."""
     data = tensor.detach()
     h = hashlib.sha256()
     h.update(f"{data.dtype}{tuple(data.shape)}".encode())
@@ -103,12 +103,12 @@ class Movement:
 
     @property
     def no_op(self) -> bool:
-        """Whether the adapter's update ``B @ A`` is exactly zero now (A or B all zero)."""
+        """Whether the adapter's update `B @ A` is exactly zero now (A or B all zero)."""
         return self.now_a.all_zero or self.now_b.all_zero
 
 
 def _pairs(adapters: list[LoraAdapter]) -> list[tuple[Fingerprint, Fingerprint]]:
-    """``(fingerprint of A, fingerprint of B)`` per adapter, of the whole weights (gathered on every rank)."""
+    """`(fingerprint of A, fingerprint of B)` per adapter, of the whole weights (gathered on every rank)."""
     with gathered([p for a in adapters for p in (a.lora_A, a.lora_B)]) as whole:
         prints = [fingerprint(t) for t in whole]
     return list(zip(prints[0::2], prints[1::2]))
@@ -128,15 +128,15 @@ class InitRecord:
 
     Args:
         adapters: The adapters to record.
-        other_trainable: Trainable parameters that are not LoRA A / B (``modules_to_save``, trainable tokens), by
+        other_trainable: Trainable parameters that are not LoRA A / B (`modules_to_save`, trainable tokens), by
             name.
 
     Attributes:
-        adapters: Name -> ``(fingerprint of A, fingerprint of B)``.
+        adapters: Name -> `(fingerprint of A, fingerprint of B)`.
         other: Name -> fingerprint, for the other trainable parameters.
         restored: Whether the record was loaded from a checkpoint (a resumed run) rather than taken now.
         lost: Whether the run resumed from a checkpoint that held no record: comparisons with init are then
-            meaningless and :meth:`compare` returns nothing.
+            meaningless and [`compare`] returns nothing.
     """
 
     def __init__(
@@ -185,7 +185,7 @@ class InitRecord:
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore a record saved by :meth:`state_dict`; ``None`` (a checkpoint without one) marks it lost."""
+        """Restore a record saved by [`state_dict`]; `None` (a checkpoint without one) marks it lost."""
         if not state or state.get("format") != RECORD_FORMAT:
             self.lost = True
             return

@@ -1,4 +1,4 @@
-"""Build the audit of a training run as one JSON-ready dict (written to ``audit.json``)."""
+"""Build the audit of a training run as one JSON-ready dict (written to `audit.json`)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from .status import module_audits, status_counts
 from .verdict import decide
 
 AUDIT_FORMAT = 1
-"""Version of the ``audit.json`` layout."""
+"""Version of the `audit.json` layout."""
 
 _PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors")
 
 
 def versions() -> dict[str, str | None]:
-    """Versions of Python, mm-trainer and the libraries the run used (``None`` for one not installed)."""
+    """Versions of Python, mm-trainer and the libraries the run used (`None` for one not installed)."""
     from .. import __version__
 
     out: dict[str, str | None] = {"python": platform.python_version(), "mm_trainer": __version__}
@@ -90,7 +90,7 @@ def training_summary(args: Any, global_step: int, epoch: float | None) -> dict[s
 
 
 def run_sections(sections: Mapping[str, Callable[[], Mapping[str, Any]]]) -> dict[str, Any]:
-    """Call every registered feature section; one that raises is reported as ``{"error": ...}``, not fatal."""
+    """Call every registered feature section; one that raises is reported as `{"error": ...}`, not fatal."""
     out: dict[str, Any] = {}
     for name, build in sections.items():
         try:

@@ -1,5 +1,5 @@
 """Serving-clean save: drop the adapters that never trained from the saved adapter, and name only the trained
-modules in ``adapter_config.json``, so that serving engines which reject LoRA on vision towers load it."""
+modules in `adapter_config.json`, so that serving engines which reject LoRA on vision towers load it."""
 
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def strip_untrained(adapter_dir: Path, modules: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Rewrite the adapter in ``adapter_dir`` without the adapters whose status is not ``trained``.
+    """Rewrite the adapter in `adapter_dir` without the adapters whose status is not `trained`.
 
-    Only adapters whose update ``B @ A`` is exactly zero (``no_op``) are stripped: removing them changes no output.
+    Only adapters whose update `B @ A` is exactly zero (`no_op`) are stripped: removing them changes no output.
     An untrained adapter with a non-zero product (a PiSSA / OLoRA / LoftQ start, whose init was also subtracted
     from the base weights) is kept, and listed, because removing it would change the model. Files are replaced
     atomically; when nothing would remain, nothing is changed.
 
     Args:
-        adapter_dir: A directory written by ``PeftModel.save_pretrained``.
-        modules: The audit's ``modules`` entries (``name``, ``status``, ``no_op``).
+        adapter_dir: A directory written by `PeftModel.save_pretrained`.
+        modules: The audit's `modules` entries (`name`, `status`, `no_op`).
 
     Returns:
-        What was done: ``stripped`` and ``kept_untrained`` module names, ``target_modules`` written, or ``skipped``
+        What was done: `stripped` and `kept_untrained` module names, `target_modules` written, or `skipped`
         with the reason.
     """
     from safetensors import safe_open

@@ -5,20 +5,20 @@ The status answers "did this adapter learn anything from the data?", for every i
 ================  =======  =====================  ==========================  =====================================
 status            fired    non-zero grad steps    A or B moved since init     what happened
 ================  =======  =====================  ==========================  =====================================
-``never_fired``   no       (any)                  (any)                       its module never ran a training
+`never_fired`   no       (any)                  (any)                       its module never ran a training
                                                                               forward: the data never reached it
-``zero_grad``     yes      0                      no                          it ran, but its gradient was always
+`zero_grad`     yes      0                      no                          it ran, but its gradient was always
                                                                               absent or exactly zero
-``decay_only``    yes      0                      yes                         it moved, but only by weight decay
+`decay_only`    yes      0                      yes                         it moved, but only by weight decay
                                                                               (AdamW decays params whose grad is a
                                                                               zero tensor)
-``zero_grad``     yes      > 0                    no                          it got gradients but the optimizer
+`zero_grad`     yes      > 0                    no                          it got gradients but the optimizer
                                                                               never changed it (lr 0, skipped steps,
                                                                               updates below its dtype's precision)
-``trained``       yes      > 0                    yes                         it learned
+`trained`       yes      > 0                    yes                         it learned
 ================  =======  =====================  ==========================  =====================================
 
-Movement is read from fingerprints (:mod:`~mm_trainer.audit.record`), not from "B is still zero": PiSSA, OLoRA,
+Movement is read from fingerprints ([`~mm_trainer.audit.record`]), not from "B is still zero": PiSSA, OLoRA,
 LoftQ and EVA start with B != 0, so that rule would call every one of their adapters dead or alive wrongly. When the
 init record was lost (a resume from a checkpoint without one), movement is unknown and the status follows the
 gradient counts alone.
@@ -47,20 +47,20 @@ class ModuleAudit:
     Attributes:
         name: Module path in the base model.
         tower: Its tower.
-        status: One of :data:`STATUSES`.
+        status: One of [`STATUSES`].
         reason: Why, in words.
         params: Trainable parameters of the adapter (A and B).
         fired: Whether the module ran a forward pass with autograd on during training.
         nonzero_steps: Optimizer steps on which A or B had a non-zero gradient.
-        moved_a: Whether A differs from init (``None``: unknown, init record lost).
-        moved_b: Whether B differs from init (``None``: unknown).
-        b_zero_at_init: Whether B was all zero at init (default LoRA init; ``False`` for PiSSA, OLoRA, LoftQ, ...).
+        moved_a: Whether A differs from init (`None`: unknown, init record lost).
+        moved_b: Whether B differs from init (`None`: unknown).
+        b_zero_at_init: Whether B was all zero at init (default LoRA init; `False` for PiSSA, OLoRA, LoftQ, ...).
         norm_a_init: Norm of A at init.
         norm_a: Norm of A now.
         norm_b_init: Norm of B at init.
         norm_b: Norm of B now.
         finite: Whether A and B hold only finite values now.
-        no_op: Whether ``B @ A`` is exactly zero now (A or B all zero), i.e. the adapter changes nothing.
+        no_op: Whether `B @ A` is exactly zero now (A or B all zero), i.e. the adapter changes nothing.
     """
 
     name: str
@@ -96,7 +96,7 @@ def classify(fired: bool, nonzero_steps: int, moved: bool | None) -> tuple[str, 
     Args:
         fired: Whether its module ran a training forward.
         nonzero_steps: Optimizer steps with a non-zero gradient on A or B.
-        moved: Whether A or B differs from init; ``None`` when unknown.
+        moved: Whether A or B differs from init; `None` when unknown.
     """
     if not fired:
         reason = "its module never ran a forward pass during training: the data never reached it"
@@ -126,7 +126,7 @@ def module_audits(
     fired: set[str],
     nonzero_steps: Mapping[str, int],
 ) -> list[ModuleAudit]:
-    """One :class:`ModuleAudit` per adapter, in model order.
+    """One [`ModuleAudit`] per adapter, in model order.
 
     Args:
         adapters: The adapters.

@@ -1,31 +1,31 @@
-"""The audit's verdict: ``pass``, ``warn`` or ``fail``, with one reason per rule that fired.
+"""The audit's verdict: `pass`, `warn` or `fail`, with one reason per rule that fired.
 
-``fail`` (the adapter should not be used or published as is; ``push_to_hub`` refuses it by default):
+`fail` (the adapter should not be used or published as is; `push_to_hub` refuses it by default):
 
-- ``nothing_trained``: no adapter has status ``trained``.
-- ``non_finite_loss``: a logged training loss is NaN or infinite.
-- ``non_finite_weights``: an adapter's A or B holds NaN or infinity.
-- ``weights_overflow``: an adapter's A or B is finite but so large (norm >= :data:`OVERFLOW_NORM`) that float32
+- `nothing_trained`: no adapter has status `trained`.
+- `non_finite_loss`: a logged training loss is NaN or infinite.
+- `non_finite_weights`: an adapter's A or B holds NaN or infinity.
+- `weights_overflow`: an adapter's A or B is finite but so large (norm >= [`OVERFLOW_NORM`]) that float32
   arithmetic on it overflows: the run diverged.
-- ``dead_majority``: dead adapters (``never_fired``, ``zero_grad``, ``decay_only``) hold at least
-  :data:`FAIL_DEAD_SHARE` of the LoRA parameters.
+- `dead_majority`: dead adapters (`never_fired`, `zero_grad`, `decay_only`) hold at least
+  [`FAIL_DEAD_SHARE`] of the LoRA parameters.
 
-``warn`` (usable, but not what the parameter count promises, or training looked unhealthy):
+`warn` (usable, but not what the parameter count promises, or training looked unhealthy):
 
-- ``dead_adapters``: any adapter ``never_fired`` or ``zero_grad``.
-- ``decay_only``: any adapter moved by weight decay alone.
-- ``loss_not_decreasing``: the mean loss of the last quarter of the logged steps is not below that of the first
-  quarter (only with enough points, see :mod:`~mm_trainer.audit.dynamics`).
-- ``loss_spikes`` / ``grad_norm_spikes``: spikes as defined in :mod:`~mm_trainer.audit.dynamics`.
-- ``early_divergence``: the gradient norm grew at least 1000x within the first logged steps (see
-  :mod:`~mm_trainer.audit.dynamics`).
-- ``init_record_lost``: the run resumed from a checkpoint without the init record, so movement was not checked.
-- ``init_record_partial``: the init record restored on resume lacks some adapters, whose movement was not checked.
-- ``section_error``: a feature's audit section raised.
-- ``section:<name>``: a feature section reports ``"verdict": "warn"`` or ``"fail"`` with its ``"reasons"``; its
+- `dead_adapters`: any adapter `never_fired` or `zero_grad`.
+- `decay_only`: any adapter moved by weight decay alone.
+- `loss_not_decreasing`: the mean loss of the last quarter of the logged steps is not below that of the first
+  quarter (only with enough points, see [`~mm_trainer.audit.dynamics`]).
+- `loss_spikes` / `grad_norm_spikes`: spikes as defined in [`~mm_trainer.audit.dynamics`].
+- `early_divergence`: the gradient norm grew at least 1000x within the first logged steps (see
+  [`~mm_trainer.audit.dynamics`]).
+- `init_record_lost`: the run resumed from a checkpoint without the init record, so movement was not checked.
+- `init_record_partial`: the init record restored on resume lacks some adapters, whose movement was not checked.
+- `section_error`: a feature's audit section raised.
+- `section:<name>`: a feature section reports `"verdict": "warn"` or `"fail"` with its `"reasons"`; its
   level is taken over as is.
 
-``pass``: none of the above.
+`pass`: none of the above.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from .status import ModuleAudit
 
 FAIL_DEAD_SHARE = 0.5
-"""Share of the LoRA parameters on dead adapters from which the verdict is ``fail``."""
+"""Share of the LoRA parameters on dead adapters from which the verdict is `fail`."""
 
 VERDICTS: tuple[str, ...] = ("pass", "warn", "fail")
 
@@ -75,15 +75,15 @@ def decide(
 
     Args:
         modules: The adapters' audits.
-        params: The ``params`` section.
-        dynamics: The ``dynamics`` section.
+        params: The `params` section.
+        dynamics: The `dynamics` section.
         sections: The feature sections (name -> dict).
         global_step: Optimizer steps taken.
         record_lost: Whether the init record was lost on resume.
         record_missing: Adapters the (restored) init record does not cover.
 
     Returns:
-        The verdict and the reasons (``level``, ``code``, ``message``), fails first.
+        The verdict and the reasons (`level`, `code`, `message`), fails first.
     """
     loss = dynamics.get("loss") or {}
     reasons = [

@@ -1,1 +1,1 @@
-"""The ``mm-trainer`` command line: ``plan``, ``audit`` and ``compare``."""
+"""The `mm-trainer` command line: `plan`, `audit` and `compare`."""

@@ -1,4 +1,4 @@
-"""``mm-trainer audit PATH``: which adapters of a saved PEFT LoRA adapter are dead, per tower (no base model needed).
+"""`mm-trainer audit PATH`: which adapters of a saved PEFT LoRA adapter are dead, per tower (no base model needed).
 
 Exit codes: 0 clean, 1 dead (or incomplete) adapters or NaN / infinite weights found, 2 unusable input (the message
 says why, in one line).
@@ -18,7 +18,7 @@ __all__ = ["EXIT_CLEAN", "EXIT_DEAD", "EXIT_UNUSABLE", "add_parser", "run"]
 
 
 def add_parser(sub: Any) -> None:
-    """Register the ``audit`` sub-command."""
+    """Register the `audit` sub-command."""
     p = sub.add_parser(
         "audit",
         help="Find the dead adapters of a saved PEFT LoRA adapter, per tower; nominal vs effective parameters.",
@@ -98,7 +98,7 @@ def _print_text(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``mm-trainer audit``."""
+    """Run `mm-trainer audit`."""
     from ..audit.offline import AdapterDirError, audit_adapter_dir
 
     try:

@@ -1,4 +1,4 @@
-"""``mm-trainer compare RUN_DIR [RUN_DIR ...]``: loss and per-tower gradient-norm curves of audited runs, side by side."""
+"""`mm-trainer compare RUN_DIR [RUN_DIR ...]`: loss and per-tower gradient-norm curves of audited runs, side by side."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ COLUMNS = (
 
 
 def add_parser(sub: Any) -> None:
-    """Register the ``compare`` sub-command."""
+    """Register the `compare` sub-command."""
     p = sub.add_parser(
         "compare",
         help="Compare finished runs from their audits: one PNG of loss and per-tower gradient norm, and a table.",
@@ -52,7 +52,7 @@ def _fmt(value: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``mm-trainer compare``."""
+    """Run `mm-trainer compare`."""
     from ..audit.compare import RunDirError, compare
     from ..utils.jsonable import jsonable
 

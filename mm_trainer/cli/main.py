@@ -1,4 +1,4 @@
-"""Entry point of the ``mm-trainer`` console script."""
+"""Entry point of the `mm-trainer` console script."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .errors import describe, unusable
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mm-trainer`` argument parser with one sub-parser per command."""
+    """The `mm-trainer` argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
         prog="mm-trainer",
         description="Multimodal LoRA fine-tuning tools: plan targets, audit adapters, compare runs.",
@@ -28,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 _QUIET_LIBRARIES = ("bitsandbytes", "kernels")
 """Libraries whose import-time notices are not the command's output: bitsandbytes (imported by PEFT) tries to fetch
-an optional CPU kernel from the Hub when the CPU has AVX512-BF16, and it and ``kernels`` log two warnings about it
+an optional CPU kernel from the Hub when the CPU has AVX512-BF16, and it and `kernels` log two warnings about it
 when the Hub is offline. A command's stderr carries only its own message (one line for unusable input)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mm-trainer`` and return its exit code."""
+    """Run `mm-trainer` and return its exit code."""
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()

@@ -1,4 +1,4 @@
-"""``mm-trainer plan MODEL_OR_DIR``: the LoRA target plan from ``config.json`` alone (meta device, no weights)."""
+"""`mm-trainer plan MODEL_OR_DIR`: the LoRA target plan from `config.json` alone (meta device, no weights)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ MAX_CONFIG_BYTES = 64 * 2**20
 
 
 def add_parser(sub: Any) -> None:
-    """Register the ``plan`` sub-command."""
+    """Register the `plan` sub-command."""
     p = sub.add_parser(
         "plan",
         help="Show, per tower, where LoRA adapters would go for a model and data modality (reads config.json only).",
@@ -44,7 +44,7 @@ def add_parser(sub: Any) -> None:
 
 
 def parse_target_modules(text: str) -> str | list[str]:
-    """``"all-linear"`` and regexes stay strings; ``"q_proj,v_proj"`` becomes a list."""
+    """`"all-linear"` and regexes stay strings; `"q_proj,v_proj"` becomes a list."""
     text = text.strip()
     if text.lower() == "all-linear" or _REGEX_CHARS.search(text):
         return text
@@ -52,7 +52,7 @@ def parse_target_modules(text: str) -> str | list[str]:
 
 
 def load_config(model: str, trust_remote_code: bool = False) -> Any:
-    """The model config from a directory, a ``config.json`` path, or a Hub id (cached or online)."""
+    """The model config from a directory, a `config.json` path, or a Hub id (cached or online)."""
     from transformers import AutoConfig
 
     from ..utils.inputs import check_model_path
@@ -69,7 +69,7 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
 
 
 def build_plan(args: argparse.Namespace) -> Any:
-    """The :class:`~mm_trainer.model.targets.TargetPlan` for the command-line arguments."""
+    """The [`~mm_trainer.model.targets.TargetPlan`] for the command-line arguments."""
     from peft import LoraConfig
 
     from ..model.modality import ModalityProfile
@@ -87,7 +87,7 @@ def build_plan(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``mm-trainer plan``."""
+    """Run `mm-trainer plan`."""
     if args.rank < 1:
         return unusable("plan", f"--rank must be >= 1, got {args.rank}")
     try:

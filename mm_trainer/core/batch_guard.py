@@ -1,6 +1,6 @@
 """Per-batch guard: a batch that holds a modality the trainer's modality profile never saw fails at that step.
 
-The profile (a sample of the dataset, or the user's ``data_modalities``) decides the LoRA targets, whether unreached
+The profile (a sample of the dataset, or the user's `data_modalities`) decides the LoRA targets, whether unreached
 towers are released and whether DDP looks for unused parameters. A media row the sample missed would otherwise reach
 a released tower (a crash deep inside the forward) or leave ranks out of step (a DDP hang). The guard reads the
 batch's placeholder tokens and media features before the forward and raises a clear error naming the modality, the
@@ -8,7 +8,7 @@ batch rows, and the fix. Under several processes every rank learns (one all-redu
 whether any rank's batch failed, and all of them raise together instead of one rank raising and the others waiting.
 
 Under engines whose forward runs no collective (DeepSpeed ZeRO-0/1/2) that all-reduce need not block before the forward:
-``check(..., defer=True)`` starts it and :meth:`BatchModalityGuard.resolve` (called by the trainer from a hook at the
+`check(..., defer=True)` starts it and [`BatchModalityGuard.resolve`] (called by the trainer from a hook at the
 end of the model's forward) reads it, so it completes while the forward runs. A rank whose own batch holds the
 modality still raises before its forward; the others raise at the end of theirs, before the loss's first collective.
 DDP (which broadcasts buffers as its forward starts), FSDP and ZeRO-3 (which gather parameters in it) keep the check
@@ -47,20 +47,20 @@ class BatchModalityGuard:
         self._pending: tuple[Any, torch.Tensor, int] | None = None
 
     def unseen(self, batch: Mapping[str, Any]) -> dict[str, list[int] | None]:
-        """Modalities of ``batch`` outside the profile, with their batch rows where known."""
+        """Modalities of `batch` outside the profile, with their batch rows where known."""
         found = batch_modality_rows(batch, self.placeholders)
         return {m: rows for m, rows in found.items() if m not in self.profile.modalities}
 
     def check(self, batch: Mapping[str, Any], step: int, engine: Engine | None = None, defer: bool = False) -> None:
-        """Raise :class:`UnseenModalityError` when ``batch`` (or, under several processes, any rank's batch) holds
+        """Raise [`UnseenModalityError`] when `batch` (or, under several processes, any rank's batch) holds
         an unseen modality. Every rank must call it for every micro-batch (it holds a collective then).
 
         Args:
             batch: The micro-batch, as the model will receive it.
             step: The optimizer step it belongs to (named in the error).
             engine: The run's engine; under several processes the ranks' findings are added up.
-            defer: Start the all-reduce and return: another rank's finding is raised by :meth:`resolve`. Only where no
-                collective runs between this call and ``resolve`` (the forward of DeepSpeed ZeRO-0/1/2).
+            defer: Start the all-reduce and return: another rank's finding is raised by [`resolve`]. Only where no
+                collective runs between this call and `resolve` (the forward of DeepSpeed ZeRO-0/1/2).
         """
         self._pending = None  # a check whose micro-batch never reached its forward (an aborted step): nothing to read
         unseen = self.unseen(batch)
@@ -78,11 +78,11 @@ class BatchModalityGuard:
 
     @property
     def pending(self) -> bool:
-        """Whether a deferred check's all-reduce is still to be read by :meth:`resolve`."""
+        """Whether a deferred check's all-reduce is still to be read by [`resolve`]."""
         return self._pending is not None
 
     def resolve(self) -> None:
-        """Read the all-reduce a deferred :meth:`check` started, and raise if another rank's batch held an unseen
+        """Read the all-reduce a deferred [`check`] started, and raise if another rank's batch held an unseen
         modality (no-op when none is in flight)."""
         if self._pending is None:
             return

@@ -4,18 +4,18 @@ Under FSDP and DeepSpeed ZeRO-3 each module gathers its sharded weights when it 
 the backward), and the ranks' collectives must match one for one. With mixed data a rank whose micro-batch holds no
 image skips the vision tower while another rank runs it, and the run hangs or aborts ("collective mismatch").
 
-:class:`DummyMedia` closes that gap. For each media tower the data reaches, when a micro-batch holds none of its
-media, a forward pre-hook on the language model runs the model's own feature extractor (``get_image_features`` /
-``get_audio_features``) on one tiny blank input built by the processor, at the point where real features would be
-computed (before the language model), and adds ``0 * features`` to the language model's input embeddings. So:
+[`DummyMedia`] closes that gap. For each media tower the data reaches, when a micro-batch holds none of its
+media, a forward pre-hook on the language model runs the model's own feature extractor (`get_image_features` /
+`get_audio_features`) on one tiny blank input built by the processor, at the point where real features would be
+computed (before the language model), and adds `0 * features` to the language model's input embeddings. So:
 
 - the tower's forward and backward (gathers, gradient reductions) run on every rank in the same order;
-- the loss is unchanged (``x + 0 == x``), and so is every gradient of a real batch: the dummy's branch gets an
+- the loss is unchanged (`x + 0 == x`), and so is every gradient of a real batch: the dummy's branch gets an
   all-zero upstream gradient, so it adds exact zeros to the tower's parameter gradients;
-- adapters that only a dummy ran are not counted as having fired (the telemetry's ``fired`` set is restored), so the
-  audit of a tower that only ever saw dummies says ``never_fired``, as under DDP;
+- adapters that only a dummy ran are not counted as having fired (the telemetry's `fired` set is restored), so the
+  audit of a tower that only ever saw dummies says `never_fired`, as under DDP;
 - in an optimizer step where no rank saw real media of a tower, the tower's (all-zero) gradients are set back to
-  ``None`` before the optimizer runs, so that AdamW skips those parameters exactly as it does under DDP (a zero
+  `None` before the optimizer runs, so that AdamW skips those parameters exactly as it does under DDP (a zero
   gradient would still apply momentum and weight decay). DeepSpeed steps inside its backward and treats a missing
   gradient as zero anyway, so there this changes nothing.
 
@@ -52,7 +52,7 @@ class DummyMediaError(ValueError):
 @dataclass
 class DummyStats:
     """Per tower: micro-batches that needed a dummy, the seconds the dummy forwards took, and optimizer steps in which
-    no rank saw real media (whose gradients were set back to ``None``)."""
+    no rank saw real media (whose gradients were set back to `None`)."""
 
     used: dict[str, int] = field(default_factory=dict)
     forward_seconds: dict[str, float] = field(default_factory=dict)
@@ -68,8 +68,8 @@ class DummyStats:
 
 
 def _features(output: Any) -> Any:
-    """The part of a feature extractor's output that the model feeds to its language model: ``pooler_output`` of
-    transformers' ``get_image_features`` / ``get_audio_features`` outputs, else the output itself. Using only that
+    """The part of a feature extractor's output that the model feeds to its language model: `pooler_output` of
+    transformers' `get_image_features` / `get_audio_features` outputs, else the output itself. Using only that
     keeps the dummy's backward through the same modules as a real batch's (ZeRO-3 checks that the module order
     matches across ranks)."""
     pooled = output.get("pooler_output") if isinstance(output, Mapping) else None
@@ -77,7 +77,7 @@ def _features(output: Any) -> Any:
 
 
 def _tensors(output: Any) -> Iterator[torch.Tensor]:
-    """Every floating-point tensor in a model output (tensors, tuples / lists, dicts, ``ModelOutput``)."""
+    """Every floating-point tensor in a model output (tensors, tuples / lists, dicts, `ModelOutput`)."""
     if torch.is_tensor(output):
         if output.is_floating_point():
             yield output
@@ -110,7 +110,7 @@ def _dummy_inputs(tower: str, processor: Any) -> dict[str, torch.Tensor]:
 
 
 def _call_kwargs(extractor: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``inputs`` restricted to the arguments ``extractor`` names (``pixel_values``, ``image_grid_thw``, ...)."""
+    """`inputs` restricted to the arguments `extractor` names (`pixel_values`, `image_grid_thw`, ...)."""
     params = inspect.signature(extractor).parameters
     return {k: v for k, v in inputs.items() if k in params}
 
@@ -120,11 +120,11 @@ class DummyMedia:
 
     Args:
         model: The base model (unwrapped from PEFT), whose modules stay the same objects under FSDP2 / ZeRO-3.
-        towers: Media towers (``vision``, ``audio``) the data reaches and that are not released, each with the module
-            paths (in ``model``) whose gradients only its media produce (its roots; projectors go with the last one).
-        language_root: Module path of the language model in ``model`` (the hook sits on its forward).
+        towers: Media towers (`vision`, `audio`) the data reaches and that are not released, each with the module
+            paths (in `model`) whose gradients only its media produce (its roots; projectors go with the last one).
+        language_root: Module path of the language model in `model` (the hook sits on its forward).
         processor: The processing class, to build the dummy inputs.
-        telemetry: The trainer's telemetry (its ``fired`` set is restored after each dummy), or ``None``.
+        telemetry: The trainer's telemetry (its `fired` set is restored after each dummy), or `None`.
 
     Raises:
         DummyMediaError: A tower has no feature extractor method, or the processor cannot build its input.
@@ -167,7 +167,7 @@ class DummyMedia:
         telemetry: Any = None,
     ) -> DummyMedia | None:
         """The dummies a run needs: one per media tower the data reaches (not released), when the engine shards
-        parameters (FSDP, ZeRO-3); ``None`` otherwise.
+        parameters (FSDP, ZeRO-3); `None` otherwise.
 
         Args:
             engine: The run's engine.
@@ -176,7 +176,7 @@ class DummyMedia:
             profile: The training data's modality profile.
             model: The model (a PEFT model is unwrapped to its base).
             processor: The processing class, to build the dummy inputs.
-            telemetry: The run's telemetry (see the class), or ``None``.
+            telemetry: The run's telemetry (see the class), or `None`.
 
         Raises:
             ValueError: A dummy is needed but cannot be built, with the fix.
@@ -212,16 +212,16 @@ class DummyMedia:
         return list(self._extractors)
 
     def begin_micro_step(self, inputs: Mapping[str, Any]) -> None:
-        """Arm the dummies this micro-batch needs (call before the model's forward, from ``compute_loss``)."""
+        """Arm the dummies this micro-batch needs (call before the model's forward, from `compute_loss`)."""
         present = batch_modalities(inputs)
         self._needed = [t for t in self._extractors if not present & set(_TOWER_MODALITIES[t])]
         for tower in self._extractors:
             self._real[tower] += tower not in self._needed
 
     def end_step(self, reduce: Any = None) -> list[str]:
-        """At the end of an optimizer step's backward (before clipping and the optimizer): set back to ``None`` the
+        """At the end of an optimizer step's backward (before clipping and the optimizer): set back to `None` the
         gradients of each tower no rank saw real media of in this step (they are all zero; under DDP they would be
-        ``None`` and AdamW would skip them). Every rank must call it (``reduce`` sums across ranks).
+        `None` and AdamW would skip them). Every rank must call it (`reduce` sums across ranks).
 
         Returns:
             The towers whose gradients were dropped.

@@ -1,13 +1,13 @@
-"""What a resume must find unchanged, and reading a checkpoint's ``mm_trainer_state.json`` safely.
+"""What a resume must find unchanged, and reading a checkpoint's `mm_trainer_state.json` safely.
 
 A resumed run continues the checkpoint's adapters and optimizer state. It must therefore build the same adapters
 (kept targets, PEFT method, LoRA rank / alpha / DoRA / rsLoRA) and train them the same way (IMoD on or off,
 quantization). A mismatch is refused before the Trainer loads anything, with one sentence saying what differs and
 how to proceed, instead of PEFT's size-mismatch trace or a silently mixed run.
 
-Checkpoints of an mm-trainer before :data:`SETTINGS_KEY` existed (and of plain TRL) are compared on what their files
-still tell: ``adapter_config.json`` (method, rank, alpha), the state's ``modality_balance`` entry (IMoD) and
-``quantization.json`` (4-bit base).
+Checkpoints of an mm-trainer before [`SETTINGS_KEY`] existed (and of plain TRL) are compared on what their files
+still tell: `adapter_config.json` (method, rank, alpha), the state's `modality_balance` entry (IMoD) and
+`quantization.json` (4-bit base).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ STATE_FILE = "mm_trainer_state.json"
 """Per-save file with what a resumed run needs: the plan's kept targets, the telemetry history, the init record."""
 
 SETTINGS_KEY = "run_settings"
-"""Key of the settings a resume compares, in ``mm_trainer_state.json``."""
+"""Key of the settings a resume compares, in `mm_trainer_state.json`."""
 
 _ADAPTER_FIELDS = ("peft_type", "r", "lora_alpha", "use_dora", "use_rslora")
 _MAX_STATE_BYTES = 512 * 2**20
 
 
 class CheckpointStateError(ValueError):
-    """A checkpoint's ``mm_trainer_state.json`` is unreadable or of the wrong shape (the message gives the fix)."""
+    """A checkpoint's `mm_trainer_state.json` is unreadable or of the wrong shape (the message gives the fix)."""
 
 
 class ResumeMismatchError(ValueError):
@@ -44,7 +44,7 @@ def corrupt_state(checkpoint: Path, detail: str) -> CheckpointStateError:
 
 
 def read_state(checkpoint: Path) -> dict[str, Any] | None:
-    """The checkpoint's ``mm_trainer_state.json`` (``None`` when absent), with the type of every entry checked.
+    """The checkpoint's `mm_trainer_state.json` (`None` when absent), with the type of every entry checked.
 
     Raises:
         CheckpointStateError: The file cannot be read, is not JSON, or an entry has the wrong type.

@@ -1,4 +1,4 @@
-"""Per-tower gradient telemetry of the LoRA adapters, logged through the Trainer's ``log``."""
+"""Per-tower gradient telemetry of the LoRA adapters, logged through the Trainer's `log`."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from ..model.adapters import LoraAdapter
 class TowerTelemetry:
     """Gradient norm per tower and the fraction of adapters with a non-zero gradient, step by step.
 
-    Call :meth:`collect` once per optimizer step, after the gradients of the step are complete (accumulated and, under
-    DDP, reduced) and before they are clipped or zeroed. :meth:`flush` returns the metrics of the logging window
-    (gradient norm of its last step, mean share of active adapters), ready for ``Trainer.log``, and appends them to
-    :attr:`history`.
+    Call [`collect`] once per optimizer step, after the gradients of the step are complete (accumulated and, under
+    DDP, reduced) and before they are clipped or zeroed. [`flush`] returns the metrics of the logging window
+    (gradient norm of its last step, mean share of active adapters), ready for `Trainer.log`, and appends them to
+    [`history`].
 
     The cost is one norm per adapter weight and one device-to-host copy per step, and no collective per step: on
-    several ranks one all-reduce per log (:meth:`flush`) or save (:meth:`synchronize`) makes every rank agree on what
+    several ranks one all-reduce per log ([`flush`]) or save ([`synchronize`]) makes every rank agree on what
     fired and, for the steps since the last one, what was non-zero and the norms: with sharded gradients (FSDP2) it
-    carries each step's per-adapter sums of squared shards, with captured ones (DeepSpeed, see :meth:`bind`) each
+    carries each step's per-adapter sums of squared shards, with captured ones (DeepSpeed, see [`bind`]) each
     step's non-zero flags and, at a log, the last step's adapter gradients.
 
     Args:
@@ -64,26 +64,26 @@ class TowerTelemetry:
         capture_gradients: bool = False,
         world_size: int = 1,
     ) -> None:
-        """Watch ``adapters`` from now on: the same modules, by name and order, whose parameters the engine may have
-        replaced (``accelerator.prepare`` under FSDP2). Counters and history carry over.
+        """Watch `adapters` from now on: the same modules, by name and order, whose parameters the engine may have
+        replaced (`accelerator.prepare` under FSDP2). Counters and history carry over.
 
         Args:
             adapters: The adapters of the prepared model.
-            reduce_sum: Sums a tensor over the ranks (every rank calls it at the same points: :meth:`flush` and
-                :meth:`synchronize`). With it, the ranks agree on what fired; needed when gradients are sharded
+            reduce_sum: Sums a tensor over the ranks (every rank calls it at the same points: [`flush`] and
+                [`synchronize`]). With it, the ranks agree on what fired; needed when gradients are sharded
                 (FSDP2: each rank sums the squares of its shards per step, added over the ranks once per log or save)
-                or captured (``capture_gradients``).
+                or captured (`capture_gradients`).
             capture_gradients: Read each micro-batch's gradient with a hook on A and B as autograd delivers it and
-                sum it over the step's micro-batches. :meth:`collect` keeps each step's local non-zero flags (an
+                sum it over the step's micro-batches. [`collect`] keeps each step's local non-zero flags (an
                 adapter is active when its gradient is non-zero on any rank) and the last step's gradient; the
-                flags are reduced at :meth:`synchronize` and the gradient, averaged over the ranks, at :meth:`flush`
-                (one all-reduce per log). For engines whose optimizer step runs inside ``accelerator.backward`` and
-                that keep the reduced gradients in their own buffers (DeepSpeed): ``p.grad`` is gone when
-                :meth:`collect` runs.
+                flags are reduced at [`synchronize`] and the gradient, averaged over the ranks, at [`flush`]
+                (one all-reduce per log). For engines whose optimizer step runs inside `accelerator.backward` and
+                that keep the reduced gradients in their own buffers (DeepSpeed): `p.grad` is gone when
+                [`collect`] runs.
             world_size: Number of ranks the captured gradients are averaged over (as DDP and DeepSpeed average).
 
         Raises:
-            ValueError: ``adapters`` are not the watched ones, or ``capture_gradients`` without ``reduce_sum`` on
+            ValueError: `adapters` are not the watched ones, or `capture_gradients` without `reduce_sum` on
                 several ranks.
         """
         if [a.name for a in adapters] != [a.name for a in self.adapters]:
@@ -116,7 +116,7 @@ class TowerTelemetry:
     # ---------------------------------------------------------------------------------------------------------------
     def watch_forward(self) -> None:
         """Record which adapted modules run a training forward (one with autograd on: evaluation and generation run
-        under ``no_grad`` and do not count). Each hook removes itself after its module's first such forward."""
+        under `no_grad` and do not count). Each hook removes itself after its module's first such forward."""
         for adapter in self.adapters:
             if adapter.name in self.fired:
                 continue
@@ -142,7 +142,7 @@ class TowerTelemetry:
     @torch.no_grad()
     def collect(self) -> None:
         """Measure the gradients of the optimizer step of every adapter (call once per optimizer step, on every rank,
-        after the step's gradients are complete and before they are clipped: after ``accelerator.backward`` of the
+        after the step's gradients are complete and before they are clipped: after `accelerator.backward` of the
         step's last micro-batch)."""
         if not self.adapters:
             return
@@ -164,7 +164,7 @@ class TowerTelemetry:
         self._count_active(sq > 0)
 
     def _count_active(self, nonzero: torch.Tensor) -> None:
-        """Count one optimizer step's non-zero adapters (``nonzero``: bool per adapter, the same on every rank)."""
+        """Count one optimizer step's non-zero adapters (`nonzero`: bool per adapter, the same on every rank)."""
         tower_active = torch.zeros(len(self.towers), dtype=torch.float64).index_add_(
             0, self._tower_index, nonzero.double()
         )
@@ -205,9 +205,9 @@ class TowerTelemetry:
         return sq, summed
 
     def _capture_hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        """A tensor hook adding each micro-batch's gradient of weight ``index`` to its view, leaving the gradient as is.
+        """A tensor hook adding each micro-batch's gradient of weight `index` to its view, leaving the gradient as is.
 
-        The first gradient of a step overwrites what the view held (an earlier step's, kept for :meth:`flush`).
+        The first gradient of a step overwrites what the view held (an earlier step's, kept for [`flush`]).
         """
         view = self._captured[index]
 
@@ -225,7 +225,7 @@ class TowerTelemetry:
         """Per adapter, 1.0 where this rank's captured gradient of the step is non-zero (fp32 on the host).
 
         Afterwards the buffer holds exactly this step's local gradient (views not reached this step are zeroed) until
-        the next step's first hook: :meth:`flush` reduces it for the norms. Over the ranks an adapter is active when
+        the next step's first hook: [`flush`] reduces it for the norms. Over the ranks an adapter is active when
         it is on any rank: a sum of non-zero gradients that cancels to exactly 0.0 in every element would count as
         non-zero here (and as zero under DDP).
         """
@@ -242,7 +242,7 @@ class TowerTelemetry:
         """Make every rank agree on what fired and count the steps collected since the last call (their non-zero
         flags, and under FSDP2 their norms).
 
-        A collective when a ``reduce_sum`` is bound (several ranks): call it on every rank at the same points (the
+        A collective when a `reduce_sum` is bound (several ranks): call it on every rank at the same points (the
         trainer does at every training log and save, and after training). One all-reduce of one number per adapter
         and per unsynchronised step.
         """
@@ -250,8 +250,8 @@ class TowerTelemetry:
 
     def _reduce_together(self, with_gradient: bool) -> torch.Tensor | None:
         """One all-reduce of the fired flags, the unsynchronised steps' rows (non-zero flags in capture mode, sums of
-        squared shards under FSDP2) and, ``with_gradient``, the kept step's gradient (capture mode); counts the steps
-        and returns the adapters' squared norms of the kept step (``None`` without gradient, or when on some rank a
+        squared shards under FSDP2) and, `with_gradient`, the kept step's gradient (capture mode); counts the steps
+        and returns the adapters' squared norms of the kept step (`None` without gradient, or when on some rank a
         later micro-batch already wrote into the buffer)."""
         n = len(self.adapters)
         capture = self._captured is not None
@@ -287,11 +287,11 @@ class TowerTelemetry:
         return _adapter_squares(torch.split(summed[:-1] / self._world_size, self._sizes))
 
     def flush(self, step: int) -> dict[str, float]:
-        """The metrics of the logging window that ends at ``step``, recorded in history.
+        """The metrics of the logging window that ends at `step`, recorded in history.
 
-        ``grad_norm/<tower>`` is the value of the last optimizer step of the window (the step logged), as the
-        Trainer's own ``grad_norm``, so the two line up (:data:`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`);
-        ``active_adapters/<tower>`` is the mean share over the window's steps.
+        `grad_norm/<tower>` is the value of the last optimizer step of the window (the step logged), as the
+        Trainer's own `grad_norm`, so the two line up ([`~mm_trainer.audit.dynamics.GRAD_NORM_AGGREGATION`]);
+        `active_adapters/<tower>` is the mean share over the window's steps.
         """
         # One collective on every rank (Trainer.log runs on each): what fired, the window's steps and, with captured
         # gradients (DeepSpeed), the last step's gradient for its norms. Whether to send the gradient is decided from
@@ -321,7 +321,7 @@ class TowerTelemetry:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved (adapters are matched by name)."""
+        """Restore what [`state_dict`] saved (adapters are matched by name)."""
         self.history = list(state.get("history", []))
         for name, count in state.get("nonzero_steps", {}).items():
             if name in self.nonzero_steps:
@@ -331,14 +331,14 @@ class TowerTelemetry:
 
 
 def _adapter_squares(weights: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Squared norm per adapter (fp64 on the host) from its weights' gradients listed ``A, B, A, B, ...``."""
+    """Squared norm per adapter (fp64 on the host) from its weights' gradients listed `A, B, A, B, ...`."""
     norms = [torch.linalg.vector_norm(w, dtype=torch.float32) for w in weights]
     per_weight = _to_host(norms).double() ** 2
     return per_weight.view(-1, 2).sum(1)
 
 
 def _replica_weight(grad: torch.Tensor, world_size: int) -> float:
-    """``1 / copies`` of a gradient whose squares are summed over all ranks: a ``DTensor`` counts its ``Replicate``
+    """`1 / copies` of a gradient whose squares are summed over all ranks: a `DTensor` counts its `Replicate`
     mesh dimensions (HSDP), a plain tensor is held whole by every rank."""
     if not is_dtensor(grad):
         return 1.0 / world_size
@@ -350,7 +350,7 @@ def _replica_weight(grad: torch.Tensor, world_size: int) -> float:
 
 
 def _to_host(values: list[torch.Tensor]) -> torch.Tensor:
-    """Stack scalars that may live on several devices (``device_map``) with one copy to the host per device."""
+    """Stack scalars that may live on several devices (`device_map`) with one copy to the host per device."""
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, v in enumerate(values):
         by_device[v.device].append(i)

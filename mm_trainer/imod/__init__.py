@@ -1,11 +1,11 @@
 """IMoD (Implicit Modality Decomposition) for LoRA, and the Non-Text Dominance Rate.
 
-- :mod:`.masks`: seeded element-wise text / non-text / shared masks of every LoRA ``A``.
-- :mod:`.tokens`: where the text and non-text tokens of a batch sit, per sequence (built once per micro-batch).
-- :mod:`.constraints`: the MSDC and MAAC constraints and their gradient w.r.t. ``A`` (fp32).
-- :mod:`.inject`: injecting that gradient into the task's backward.
-- :mod:`.dominance`: per-modality Fisher estimates and the Non-Text Dominance Rate.
-- :mod:`.balance`: the wiring into :class:`~mm_trainer.MMSFTTrainer`.
+- [`.masks`]: seeded element-wise text / non-text / shared masks of every LoRA `A`.
+- [`.tokens`]: where the text and non-text tokens of a batch sit, per sequence (built once per micro-batch).
+- [`.constraints`]: the MSDC and MAAC constraints and their gradient w.r.t. `A` (fp32).
+- [`.inject`]: injecting that gradient into the task's backward.
+- [`.dominance`]: per-modality Fisher estimates and the Non-Text Dominance Rate.
+- [`.balance`]: the wiring into [`~mm_trainer.MMSFTTrainer`].
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""``ModalityBalance``: IMoD injection and the Non-Text Dominance Rate, driven by a training loop's hooks.
+"""`ModalityBalance`: IMoD injection and the Non-Text Dominance Rate, driven by a training loop's hooks.
 
-The training loop calls, per micro-batch, :meth:`ModalityBalance.begin_micro_step` in ``compute_loss`` before the task
-forward and :meth:`~ModalityBalance.after_backward` once ``training_step``'s backward is done (the loss itself is not
-changed: the constraint gradients travel inside LoRA's own ``A`` product, see :mod:`mm_trainer.imod.inject`);
-:meth:`~ModalityBalance.log_metrics` when it logs; and :meth:`~ModalityBalance.state_dict` /
-:meth:`~ModalityBalance.load_state_dict` at save / resume.
+The training loop calls, per micro-batch, [`ModalityBalance.begin_micro_step`] in `compute_loss` before the task
+forward and [`~ModalityBalance.after_backward`] once `training_step`'s backward is done (the loss itself is not
+changed: the constraint gradients travel inside LoRA's own `A` product, see [`mm_trainer.imod.inject`]);
+[`~ModalityBalance.log_metrics`] when it logs; and [`~ModalityBalance.state_dict`] /
+[`~ModalityBalance.load_state_dict`] at save / resume.
 
-Which layers: LoRA ``Linear`` adapters of the language tower. Their input is the token sequence, checked batch by
-batch (the input's leading dims must equal ``input_ids.shape``; a layer that does not line up is skipped for that
+Which layers: LoRA `Linear` adapters of the language tower. Their input is the token sequence, checked batch by
+batch (the input's leading dims must equal `input_ids.shape`; a layer that does not line up is skipped for that
 batch and reported in the audit). Adapters on the vision / audio tower or the projector see patch or frame
 features, not a mix of text and non-text tokens, so IMoD has nothing to split there: they train as plain LoRA.
 """
@@ -31,12 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 def check_imod_data(args: Any, profile: ModalityProfile) -> None:
-    """Refuse (``imod_text_only="error"``) or warn about (``"warn"``) ``imod=True`` on text-only data.
+    """Refuse (`imod_text_only="error"`) or warn about (`"warn"`) `imod=True` on text-only data.
 
     Call before the trainer does any expensive work.
 
     Raises:
-        ValueError: ``imod=True``, the data is text-only and ``imod_text_only="error"``.
+        ValueError: `imod=True`, the data is text-only and `imod_text_only="error"`.
     """
     if not getattr(args, "imod", False) or not profile.text_only:
         return
@@ -53,14 +53,14 @@ def check_imod_data(args: Any, profile: ModalityProfile) -> None:
 
 
 class ModalityBalance:
-    """IMoD gradient injection (``imod=True``) and the dominance rate (``dominance_steps > 0``, multimodal data).
+    """IMoD gradient injection (`imod=True`) and the dominance rate (`dominance_steps > 0`, multimodal data).
 
-    Build it with :meth:`build`.
+    Build it with [`build`].
 
     Attributes:
-        injector: The :class:`~mm_trainer.imod.inject.IMoDInjector` (``None`` when IMoD is off).
-        masks: Its masks (``None`` when IMoD is off).
-        dominance: The :class:`~mm_trainer.imod.dominance.DominanceTracker` (``None`` when off).
+        injector: The [`~mm_trainer.imod.inject.IMoDInjector`] (`None` when IMoD is off).
+        masks: Its masks (`None` when IMoD is off).
+        dominance: The [`~mm_trainer.imod.dominance.DominanceTracker`] (`None` when off).
         dominance_steps: Measuring interval.
     """
 
@@ -80,7 +80,7 @@ class ModalityBalance:
     def build(
         cls, args: Any, profile: ModalityProfile, adapters: list[LoraAdapter], model: Any
     ) -> ModalityBalance | None:
-        """The balance of a run (after PEFT wrapped the model), or ``None`` when there is nothing to do.
+        """The balance of a run (after PEFT wrapped the model), or `None` when there is nothing to do.
 
         Args:
             args: The training arguments (`imod`, `imod_*`, `dominance_steps`, `seed`, `n_gpu`).
@@ -89,8 +89,8 @@ class ModalityBalance:
             model: The PEFT-wrapped model (its config names the placeholder tokens).
 
         Raises:
-            ValueError: ``imod=True`` without LoRA adapters on the language model, with DoRA, or with
-                ``torch.nn.DataParallel``.
+            ValueError: `imod=True` without LoRA adapters on the language model, with DoRA, or with
+                `torch.nn.DataParallel`.
         """
         candidates = [a for a in adapters if a.tower == "language" and lora_linear_modules(a) is not None]
         imod_on = bool(args.imod) and not profile.text_only
@@ -120,7 +120,7 @@ class ModalityBalance:
         return cls(injector, dominance, args.dominance_steps)
 
     def bind(self, adapters: list[LoraAdapter]) -> None:
-        """Use the parameters of ``adapters`` (the prepared model's, matched by name) from now on."""
+        """Use the parameters of `adapters` (the prepared model's, matched by name) from now on."""
         by_name = {a.name: a for a in adapters}
         for part in (self.injector, self.dominance):
             if part is not None:
@@ -130,13 +130,13 @@ class ModalityBalance:
     # Per micro-batch
     # ---------------------------------------------------------------------------------------------------------------
     def measures(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (1-based) is one the dominance rate is measured on."""
+        """Whether optimizer step `step` (1-based) is one the dominance rate is measured on."""
         return self.dominance is not None and (step == 1 or step % self.dominance_steps == 0)
 
     def begin_micro_step(self, inputs: dict[str, Any], step: int, accumulation_steps: int, config: Any) -> None:
-        """Arm IMoD and the dominance hooks for the micro-batch ``inputs`` (call before the forward).
+        """Arm IMoD and the dominance hooks for the micro-batch `inputs` (call before the forward).
 
-        They stay armed through the backward, until :meth:`after_backward` (or :meth:`abort_micro_step` when the
+        They stay armed through the backward, until [`after_backward`] (or [`abort_micro_step`] when the
         forward or backward raised).
 
         Args:
@@ -156,20 +156,20 @@ class ModalityBalance:
 
     @staticmethod
     def constraint_scale(accumulation_steps: int) -> float:
-        """Factor of a micro-batch's constraint gradient: ``1 / (micro-batches in this optimizer step)``.
+        """Factor of a micro-batch's constraint gradient: `1 / (micro-batches in this optimizer step)`.
 
-        The injected gradient never passes through the loss, so neither ``Trainer``'s division of the loss by the
-        accumulation steps nor TRL's ``num_items_in_batch`` normalisation (and its ``× num_processes`` under
-        ``average_tokens_across_devices``) reaches it: we scale it ourselves. Each micro-batch's constraint is a mean
-        over its sequences; times ``1 / GA`` and averaged over ranks by DDP like every gradient, the step injects the
+        The injected gradient never passes through the loss, so neither `Trainer`'s division of the loss by the
+        accumulation steps nor TRL's `num_items_in_batch` normalisation (and its `× num_processes` under
+        `average_tokens_across_devices`) reaches it: we scale it ourselves. Each micro-batch's constraint is a mean
+        over its sequences; times `1 / GA` and averaged over ranks by DDP like every gradient, the step injects the
         mean over all its micro-batches, whichever way TRL normalises the task loss.
         """
         return 1.0 / accumulation_steps
 
     def abort_micro_step(self) -> None:
-        """Disarm IMoD and the dominance hooks after a forward or backward that raised (``training_step`` does).
+        """Disarm IMoD and the dominance hooks after a forward or backward that raised (`training_step` does).
 
-        The micro-batch's constraint gradient may be partly in ``A.grad``; the trainer's error propagates, as with any
+        The micro-batch's constraint gradient may be partly in `A.grad`; the trainer's error propagates, as with any
         failed step. Safe to call when nothing is armed.
         """
         if self.injector is not None:
@@ -197,9 +197,9 @@ class ModalityBalance:
     # Logging, audit, checkpoint
     # ---------------------------------------------------------------------------------------------------------------
     def log_metrics(self, engine: Engine) -> dict[str, float]:
-        """``imod/msd``, ``imod/ma`` (means since the last log, over ranks) and ``dominance/non_text_rate``.
+        """`imod/msd`, `imod/ma` (means since the last log, over ranks) and `dominance/non_text_rate`.
 
-        Runs a collective under several ranks: call it on every rank (``Trainer.log`` of a training log is).
+        Runs a collective under several ranks: call it on every rank (`Trainer.log` of a training log is).
         """
         logs: dict[str, float] = {}
         if self.injector is not None:
@@ -216,7 +216,7 @@ class ModalityBalance:
         return logs
 
     def audit_sections(self) -> dict[str, Callable[[], dict[str, Any]]]:
-        """Audit sections: ``imod`` (when on) and ``dominance`` (when measured)."""
+        """Audit sections: `imod` (when on) and `dominance` (when measured)."""
         sections: dict[str, Callable[[], dict[str, Any]]] = {}
         if self.injector is not None:
             sections["imod"] = self._imod_audit
@@ -304,7 +304,7 @@ class ModalityBalance:
 
 
 def _check_imod_model(adapters: list[LoraAdapter], candidates: list, model: Any, n_gpu: int) -> None:
-    """IMoD needs plain LoRA ``Linear`` adapters on the language model, and DDP rather than ``DataParallel``."""
+    """IMoD needs plain LoRA `Linear` adapters on the language model, and DDP rather than `DataParallel`."""
     if not adapters:
         raise ValueError(
             "imod=True needs LoRA adapters: pass `peft_config=LoraConfig(...)` (IMoD splits each LoRA A matrix)."

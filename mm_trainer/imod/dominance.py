@@ -1,28 +1,28 @@
 r"""Non-Text Dominance Rate: the share of LoRA parameters whose Fisher information from non-text tokens is larger.
 
-``R = |{(i, j) : F_non_text[i, j] > F_text[i, j]}| / |W|`` over the elements of every watched ``A`` and ``B``.
+`R = |{(i, j) : F_non_text[i, j] > F_text[i, j]}| / |W|` over the elements of every watched `A` and `B`.
 
 Choices where the paper is silent:
 
 - **Per-modality Fisher.** The gradient of the task loss w.r.t. a LoRA weight is a sum over token positions of the
-  layer: ``∇B = Σ_i (∂L/∂z_i) u_iᵀ`` and ``∇A = Σ_i (Bᵀ ∂L/∂z_i) x_iᵀ`` (``x_i`` the input of ``lora_A``, ``u_i = A x_i``,
-  ``z_i`` the output of ``lora_B``). The modality of a position attributes its term to text or non-text. The Fisher
-  is the empirical one, ``F_m = Σ_sequences (Σ_{i ∈ sequence, i ∈ m} term_i)²``: squared per-sequence gradients,
+  layer: `∇B = Σ_i (∂L/∂z_i) u_iᵀ` and `∇A = Σ_i (Bᵀ ∂L/∂z_i) x_iᵀ` (`x_i` the input of `lora_A`, `u_i = A x_i`,
+  `z_i` the output of `lora_B`). The modality of a position attributes its term to text or non-text. The Fisher
+  is the empirical one, `F_m = Σ_sequences (Σ_{i ∈ sequence, i ∈ m} term_i)²`: squared per-sequence gradients,
   summed over the sequences of every micro-batch of the measured optimizer step and over DDP ranks.
-- **No extra backward, no weight read.** ``x_i`` and ``u_i`` are taken by a forward hook on ``lora_A``, ``∂L/∂z_i``
-  and ``∂L/∂u_i`` by tensor hooks on the outputs of ``lora_B`` and ``lora_A`` during the ordinary backward, on
-  measured steps only (other steps run no hook). ``∂L/∂u_i`` comes from autograd, so ``B`` itself is never read: the
-  rate is the same whether the engine holds ``B`` whole (DDP), as a shard (FSDP2) or as an empty ZeRO-3 partition
+- **No extra backward, no weight read.** `x_i` and `u_i` are taken by a forward hook on `lora_A`, `∂L/∂z_i`
+  and `∂L/∂u_i` by tensor hooks on the outputs of `lora_B` and `lora_A` during the ordinary backward, on
+  measured steps only (other steps run no hook). `∂L/∂u_i` comes from autograd, so `B` itself is never read: the
+  rate is the same whether the engine holds `B` whole (DDP), as a shard (FSDP2) or as an empty ZeRO-3 partition
   outside its module's backward. On measured steps the inputs of the watched layers are held until the backward,
   which with gradient checkpointing is memory the checkpoint would otherwise free.
-- **Task gradient only.** The IMoD constraint gradient reaches ``A`` directly, not through ``z``, so it is not part of
+- **Task gradient only.** The IMoD constraint gradient reaches `A` directly, not through `z`, so it is not part of
   the Fisher: the rate says which modality drives the *task* gradient.
-- **Which parameters.** LoRA ``Linear`` layers of the language model whose input lines up with ``input_ids`` (the
+- **Which parameters.** LoRA `Linear` layers of the language model whose input lines up with `input_ids` (the
   layers IMoD constrains). Adapters on the vision / audio tower see only non-text positions and would count as
   non-text-dominated by construction, so they are left out.
-- **When.** Optimizer steps 1 and every ``dominance_steps``-th step, one step's batch each (a noisy estimate).
-  Elements whose Fisher is 0 for both modalities (``A`` at step 1, while ``B`` is still zero) count as not dominated
-  by non-text, as the strict ``>`` of the definition says.
+- **When.** Optimizer steps 1 and every `dominance_steps`-th step, one step's batch each (a noisy estimate).
+  Elements whose Fisher is 0 for both modalities (`A` at step 1, while `B` is still zero) count as not dominated
+  by non-text, as the strict `>` of the definition says.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .tokens import TokenLayout
 
 
 def lora_linear_modules(adapter: LoraAdapter) -> tuple[torch.nn.Linear, torch.nn.Linear] | None:
-    """``(lora_A, lora_B)`` ``nn.Linear`` submodules of an adapter (``None`` for embedding / conv LoRA)."""
+    """`(lora_A, lora_B)` `nn.Linear` submodules of an adapter (`None` for embedding / conv LoRA)."""
     lora_a = getattr(adapter.module, "lora_A", None)
     lora_b = getattr(adapter.module, "lora_B", None)
     if not isinstance(lora_a, torch.nn.ModuleDict):
@@ -54,12 +54,12 @@ class DominanceTracker:
     """Per-modality Fisher of the watched adapters on measured steps, and the dominance rate from it.
 
     Args:
-        adapters: Adapters to watch (LoRA ``Linear`` layers of the language model).
+        adapters: Adapters to watch (LoRA `Linear` layers of the language model).
 
     Attributes:
-        history: Per measured step: ``step``, ``non_text_rate`` (overall), ``A`` / ``B`` (rates over the A / B
-            elements only), ``fisher_text`` / ``fisher_non_text`` (total Fisher mass of each modality).
-        first: Per-layer rates of the first measured step (``{"step", "per_layer"}``).
+        history: Per measured step: `step`, `non_text_rate` (overall), `A` / `B` (rates over the A / B
+            elements only), `fisher_text` / `fisher_non_text` (total Fisher mass of each modality).
+        first: Per-layer rates of the first measured step (`{"step", "per_layer"}`).
         latest: Per-layer rates of the latest measured step.
     """
 
@@ -107,9 +107,9 @@ class DominanceTracker:
         self._grad_z.clear()
 
     def fisher_sums(self) -> dict[str, tuple[torch.Tensor, ...]]:
-        """The sums of the step being measured, per adapter: ``(F_text_A, F_non_text_A, F_text_B, F_non_text_B)``.
+        """The sums of the step being measured, per adapter: `(F_text_A, F_non_text_A, F_text_B, F_non_text_B)`.
 
-        Local to this rank (the DDP sum happens in :meth:`finish_step`); empty when no step is being measured.
+        Local to this rank (the DDP sum happens in [`finish_step`]); empty when no step is being measured.
         """
         if self._fisher is None:
             return {}
@@ -162,7 +162,7 @@ class DominanceTracker:
             reduce_sum: Sums a tensor over DDP ranks (every rank must call this on the same steps).
 
         Returns:
-            The overall Non-Text Dominance Rate (``None`` when no step was being measured).
+            The overall Non-Text Dominance Rate (`None` when no step was being measured).
         """
         self.disarm()
         fisher, self._fisher = self._fisher, None
@@ -220,7 +220,7 @@ class DominanceTracker:
         return {"history": self.history, "first": self.first, "latest": self.latest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore [`state_dict`]."""
         self.history = list(state.get("history") or [])
         self.first = state.get("first")
         self.latest = state.get("latest")

@@ -1,42 +1,42 @@
-"""Gradient injection: ``λ1 ∇_A (L_TS + L_OS) + λ2 ∇_A L_MA`` lands on each LoRA ``A`` in the task's own backward.
+"""Gradient injection: `λ1 ∇_A (L_TS + L_OS) + λ2 ∇_A L_MA` lands on each LoRA `A` in the task's own backward.
 
-The mechanism, for one micro-batch (armed by :meth:`IMoDInjector.arm` before the forward, disarmed by
-:meth:`IMoDInjector.disarm` after the backward):
+The mechanism, for one micro-batch (armed by [`IMoDInjector.arm`] before the forward, disarmed by
+[`IMoDInjector.disarm`] after the backward):
 
-1. While armed, each constrained layer's ``lora_A`` runs :class:`ZonedLoraA` instead of ``F.linear``. Its forward
-   reads the input ``X`` once for the zone responses ``Z = X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` the constraints are made
-   of; since the zones cover ``A`` once, the sum of the three ``r``-column blocks is LoRA's ``A x``, returned as
-   usual. ``Z`` is handed to the injector, which keeps it until the backward needs the constraint gradient.
+1. While armed, each constrained layer's `lora_A` runs [`ZonedLoraA`] instead of `F.linear`. Its forward
+   reads the input `X` once for the zone responses `Z = X @ [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ` the constraints are made
+   of; since the zones cover `A` once, the sum of the three `r`-column blocks is LoRA's `A x`, returned as
+   usual. `Z` is handed to the injector, which keeps it until the backward needs the constraint gradient.
 2. The first constrained layer whose backward runs (the last one of the forward) has the injector compute, in fp32,
-   the constraint values and their gradient w.r.t. the responses ``∂C/∂Z`` of *every* layer handed in so far, in
-   one batch (layers stacked, in chunks of at most :data:`BATCH_ELEMENTS` response elements; scaled for gradient
-   accumulation; :func:`~.constraints.constraint_gradient`, in closed form: a fixed few tensor operations for all
+   the constraint values and their gradient w.r.t. the responses `∂C/∂Z` of *every* layer handed in so far, in
+   one batch (layers stacked, in chunks of at most [`BATCH_ELEMENTS`] response elements; scaled for gradient
+   accumulation; [`~.constraints.constraint_gradient`], in closed form: a fixed few tensor operations for all
    the layers of a chunk, no autograd graph, no loop, no host-device synchronisation). On a short batch the
    constraint's cost is its operations' fixed overhead, paid once per chunk instead of once per layer.
-3. Each layer's backward gets LoRA's ``∂L/∂u`` and reads ``X`` once for ``[∂L/∂u + ∂C/∂Z_k]_kᵀ X`` (``3r`` rows); each
-   ``r``-row block masked by its zone ``M_k`` and the blocks summed give ``∇A`` of the task plus that of the
-   constraints. ``A`` receives the sum through its ``AccumulateGrad``, so DDP all-reduces it in the same buckets as the task gradient, before
-   gradient clipping; ``∂L/∂X = ∂L/∂u · A`` as in plain LoRA (the constraints treat ``X`` as a constant), so ``B``,
+3. Each layer's backward gets LoRA's `∂L/∂u` and reads `X` once for `[∂L/∂u + ∂C/∂Z_k]_kᵀ X` (`3r` rows); each
+   `r`-row block masked by its zone `M_k` and the blocks summed give `∇A` of the task plus that of the
+   constraints. `A` receives the sum through its `AccumulateGrad`, so DDP all-reduces it in the same buckets as the task gradient, before
+   gradient clipping; `∂L/∂X = ∂L/∂u · A` as in plain LoRA (the constraints treat `X` as a constant), so `B`,
    the base model and earlier layers get the task gradient only. The loss is never touched: what is logged is the
    task loss.
 
 What a layer does not recompute: the token layout and the per-token / per-sequence weights of the micro-batch
-(:class:`~.tokens.TokenLayout`, built once in :meth:`IMoDInjector.arm`'s caller and shared by all layers), the zone
+([`~.tokens.TokenLayout`], built once in [`IMoDInjector.arm`]'s caller and shared by all layers), the zone
 masks (built once per layer and device), and the metric sums (one row per layer of a tensor, added up at
-:meth:`IMoDInjector.disarm`). Arming replaces the instance ``forward`` of each constrained ``lora_A`` for the
-micro-batch; :meth:`IMoDInjector.armed` (and ``MMSFTTrainer.training_step``) undo it however the step ends.
+[`IMoDInjector.disarm`]). Arming replaces the instance `forward` of each constrained `lora_A` for the
+micro-batch; [`IMoDInjector.armed`] (and `MMSFTTrainer.training_step`) undo it however the step ends.
 
-Plain LoRA reads ``X`` three times per layer (``A x``, ``∇A``, ``∂L/∂X``); IMoD adds no read, only ``2r`` more
-columns to two skinny products (``8·N·d_in·r`` FLOPs) and ``O(tokens · r)`` for the constraints. A separate constraint product would add
-two reads of ``X``, which on a memory-bound CPU costs about as much as LoRA itself.
+Plain LoRA reads `X` three times per layer (`A x`, `∇A`, `∂L/∂X`); IMoD adds no read, only `2r` more
+columns to two skinny products (`8·N·d_in·r` FLOPs) and `O(tokens · r)` for the constraints. A separate constraint product would add
+two reads of `X`, which on a memory-bound CPU costs about as much as LoRA itself.
 
 Which call counts: the first call per layer and micro-batch *with autograd recording*. That is the forward under
 non-reentrant activation checkpointing (its recomputation in the backward runs the same products, keeping the saved
 tensors identical, but computes no constraint and its node is not the one the backward uses), the recomputation under
 reentrant checkpointing (whose first forward runs without autograd), and never the extra no-grad forward some TRL
 loss paths run. Because the constraint gradient is kept on the node of the call that counted, nothing is counted
-twice. What stays in memory until the backward: ``Z`` in ``tokens x 3r`` fp32 per layer, then ``∂C/∂Z`` in
-``tokens x 2r`` (see :class:`ZonedLoraA`); the input ``X`` itself, ``tokens x d``, is kept by autograd for LoRA
+twice. What stays in memory until the backward: `Z` in `tokens x 3r` fp32 per layer, then `∂C/∂Z` in
+`tokens x 2r` (see [`ZonedLoraA`]); the input `X` itself, `tokens x d`, is kept by autograd for LoRA
 anyway.
 """
 
@@ -56,23 +56,23 @@ from .masks import IMoDMasks
 from .tokens import TokenLayout
 
 BATCH_ELEMENTS = 1 << 22
-"""Most response elements (``layers x tokens x 3r``) whose constraint gradient is computed in one batch: bounds the
-temporaries of the batched computation (about ten ``layers x tokens x r`` fp32 tensors) at ~60 MiB."""
+"""Most response elements (`layers x tokens x 3r`) whose constraint gradient is computed in one batch: bounds the
+temporaries of the batched computation (about ten `layers x tokens x r` fp32 tensors) at ~60 MiB."""
 
 
 class ZonedLoraA(torch.autograd.Function):
-    """``u = x Aᵀ`` computed through the zone responses, whose backward adds a precomputed constraint gradient to ``∇A``.
+    """`u = x Aᵀ` computed through the zone responses, whose backward adds a precomputed constraint gradient to `∇A`.
 
-    ``forward(x, weight, masks, step)``: ``masks`` is :func:`~.constraints.zone_masks` of ``A`` (``3 x r x d``
-    fp32 0/1); ``step`` is ``None`` (no constraint: the task gradient only) or a callable that receives the zone
-    responses ``Z = X [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ`` (``tokens x 3r`` fp32) and returns ``(∂C/∂Z as a ResponseGradient,
-    text_rows)``, with ``text_rows`` the ``tokens x 1`` float indicator of text tokens; or a callable without
-    arguments that the backward calls for ``∂C/∂Z`` in full width (``tokens x 3r`` fp32, which the backward may
+    `forward(x, weight, masks, step)`: `masks` is [`~.constraints.zone_masks`] of `A` (`3 x r x d`
+    fp32 0/1); `step` is `None` (no constraint: the task gradient only) or a callable that receives the zone
+    responses `Z = X [A⊙M_o; A⊙M_t; A⊙M_s]ᵀ` (`tokens x 3r` fp32) and returns `(∂C/∂Z as a ResponseGradient,
+    text_rows)`, with `text_rows` the `tokens x 1` float indicator of text tokens; or a callable without
+    arguments that the backward calls for `∂C/∂Z` in full width (`tokens x 3r` fp32, which the backward may
     overwrite): the injector's way, which computes all layers' gradients together, already laid out.
 
-    Since the zones cover ``A`` once, ``A x = Σ_k (A⊙M_k) x``: the forward reads ``X`` once for ``Z`` (``3r``
-    columns, ``2r`` more than LoRA's) and sums its blocks for ``u``. Likewise ``∇A = Σ_k M_k ⊙ ((∂L/∂u + ∂C/∂Z_k)ᵀ X)``:
-    the backward reads ``X`` once for a ``3r``-row product (``2r`` more than LoRA's). Every call computes ``u`` the
+    Since the zones cover `A` once, `A x = Σ_k (A⊙M_k) x`: the forward reads `X` once for `Z` (`3r`
+    columns, `2r` more than LoRA's) and sums its blocks for `u`. Likewise `∇A = Σ_k M_k ⊙ ((∂L/∂u + ∂C/∂Z_k)ᵀ X)`:
+    the backward reads `X` once for a `3r`-row product (`2r` more than LoRA's). Every call computes `u` the
     same way, so a recomputation under activation checkpointing reproduces the forward's values exactly.
     """
 
@@ -113,10 +113,10 @@ class ZonedLoraA(torch.autograd.Function):
 
 
 def _full_width(gradient: ResponseGradient, text_rows: torch.Tensor) -> torch.Tensor:
-    """``∂C/∂Z`` as ``tokens x 3r`` (blocks ``M_o, M_t, M_s``) from its compact form; the exclusive block is consumed.
+    """`∂C/∂Z` as `tokens x 3r` (blocks `M_o, M_t, M_s`) from its compact form; the exclusive block is consumed.
 
-    ``∂C/∂(A⊙M_o)x`` lives on text tokens, ``∂C/∂(A⊙M_t)x`` on the others. Works on stacked layers too
-    (``layers x tokens x r`` in, ``layers x tokens x 3r`` out).
+    `∂C/∂(A⊙M_o)x` lives on text tokens, `∂C/∂(A⊙M_t)x` on the others. Works on stacked layers too
+    (`layers x tokens x r` in, `layers x tokens x 3r` out).
     """
     exclusive = gradient.exclusive
     on_text = exclusive * text_rows
@@ -128,15 +128,15 @@ class IMoDInjector:
     """IMoD's constraint gradients for a set of LoRA layers of the language model.
 
     Args:
-        adapters: The constrained adapters (LoRA ``Linear`` layers whose input is the token sequence).
-        masks: Their masks (:class:`~mm_trainer.imod.masks.IMoDMasks`, one per adapter by name).
-        lambda_msd: ``λ1``, weight of the MSDC gradient.
-        lambda_ma: ``λ2``, weight of the MAAC gradient.
+        adapters: The constrained adapters (LoRA `Linear` layers whose input is the token sequence).
+        masks: Their masks ([`~mm_trainer.imod.masks.IMoDMasks`], one per adapter by name).
+        lambda_msd: `λ1`, weight of the MSDC gradient.
+        lambda_ma: `λ2`, weight of the MAAC gradient.
 
     Attributes:
         micro_steps: Micro-batches seen.
         micro_steps_with_non_text: Of those, how many held a non-text token.
-        aligned_layers: Names of layers whose input lined up with ``input_ids`` at least once.
+        aligned_layers: Names of layers whose input lined up with `input_ids` at least once.
         misaligned_layers: Names of layers whose input did not line up (skipped for that batch).
     """
 
@@ -170,11 +170,11 @@ class IMoDInjector:
 
     # ---------------------------------------------------------------------------------------------------------------
     def arm(self, layout: TokenLayout, scale: float) -> None:
-        """Start a micro-batch with token ``layout``; its constraint gradients are multiplied by ``scale``.
+        """Start a micro-batch with token `layout`; its constraint gradients are multiplied by `scale`.
 
-        Replaces the ``forward`` of every constrained ``lora_A`` (an instance attribute) until :meth:`disarm`; if
+        Replaces the `forward` of every constrained `lora_A` (an instance attribute) until [`disarm`]; if
         that fails half-way, the modules already replaced are restored before the error propagates. Prefer
-        :meth:`armed`, which disarms however the forward and backward end.
+        [`armed`], which disarms however the forward and backward end.
         """
         self.disarm()
         for index, module in enumerate(self._lora_a):
@@ -199,7 +199,7 @@ class IMoDInjector:
             raise
 
     def disarm(self) -> None:
-        """End the micro-batch (after its backward): ``lora_A`` runs ``F.linear`` again. Safe to call repeatedly."""
+        """End the micro-batch (after its backward): `lora_A` runs `F.linear` again. Safe to call repeatedly."""
         if not self._armed:
             return
         for module in self._lora_a:
@@ -212,7 +212,7 @@ class IMoDInjector:
 
     @contextmanager
     def armed(self, layout: TokenLayout, scale: float) -> Iterator[IMoDInjector]:
-        """``with injector.armed(layout, scale): forward and backward`` — disarmed on exit, also on an exception."""
+        """`with injector.armed(layout, scale): forward and backward` — disarmed on exit, also on an exception."""
         self.arm(layout, scale)
         try:
             yield self
@@ -245,7 +245,7 @@ class IMoDInjector:
         return ZonedLoraA.apply(x, module.weight, self._masks_of(index, module.weight.device), step)
 
     def _take(self, index: int) -> torch.Tensor:
-        """Layer ``index``'s ``∂C/∂Z`` (``tokens x 3r``), for its backward: computed with every layer still pending."""
+        """Layer `index`'s `∂C/∂Z` (`tokens x 3r`), for its backward: computed with every layer still pending."""
         if index not in self._ready:
             self._compute_pending()
         return self._ready.pop(index)
@@ -301,7 +301,7 @@ class IMoDInjector:
 
     # ---------------------------------------------------------------------------------------------------------------
     def pop_metrics(self, device: torch.device) -> torch.Tensor:
-        """``[Σ msd, #msd, Σ ma, #ma]`` since the last call (fp64 on ``device``), then reset."""
+        """`[Σ msd, #msd, Σ ma, #ma]` since the last call (fp64 on `device`), then reset."""
         sums = self._metric_sums
         self._metric_sums = None
         return sums.to(device) if sums is not None else torch.zeros(4, dtype=torch.float64, device=device)

@@ -1,23 +1,23 @@
-"""IMoD masks: a seeded element-wise split of every LoRA ``A`` into text, non-text and shared zones.
+"""IMoD masks: a seeded element-wise split of every LoRA `A` into text, non-text and shared zones.
 
-For one LoRA layer with ``A`` of shape ``r x d`` the three binary masks ``M_t`` (text-exclusive), ``M_o`` (non-text
-exclusive) and ``M_s`` (shared) cover ``A`` exactly once: ``M_t + M_o + M_s = 1`` element-wise. We store them as one
-``uint8`` *zone* tensor (:data:`TEXT_ZONE`, :data:`NON_TEXT_ZONE`, :data:`SHARED_ZONE` per element), which makes
-"covers exactly once" true by construction and costs one byte per element of ``A``.
+For one LoRA layer with `A` of shape `r x d` the three binary masks `M_t` (text-exclusive), `M_o` (non-text
+exclusive) and `M_s` (shared) cover `A` exactly once: `M_t + M_o + M_s = 1` element-wise. We store them as one
+`uint8` *zone* tensor ([`TEXT_ZONE`], [`NON_TEXT_ZONE`], [`SHARED_ZONE`] per element), which makes
+"covers exactly once" true by construction and costs one byte per element of `A`.
 
 Choices where the paper is silent:
 
-- **Layer position.** ``r_s(l) = r_s(0) + alpha * l / L`` with ``l`` the zero-based index of the block the adapter
-  sits in and ``L`` the length of that block stack, read from the model (the *outermost* ``nn.ModuleList`` on the
-  module's path, e.g. ``model.language_model.layers``; a MoE expert list inside a layer does not count). The
-  deepest block therefore gets ``r_s(0) + alpha * (L - 1) / L``, as the formula says. A module that sits in no
-  numbered stack (an ``lm_head``, a projector) gets ``r_s(0)`` and is recorded with ``layer = None``.
-- **Exact counts.** ``n = r * d`` elements; ``n_s = round(r_s * n)`` shared, the rest split evenly,
-  ``n_t = (n - n_s) // 2`` text and ``n_o = n - n_s - n_t`` non-text (the odd element goes to non-text).
-- **Random interleaving.** One permutation of the ``n`` elements from NumPy's legacy ``RandomState`` (whose stream
-  NumPy keeps frozen across versions), seeded by ``sha256(f"{seed}:{module name}")``: the first ``n_t`` positions are
-  text, the next ``n_o`` non-text, the rest shared. Masks depend only on (seed, name, shape, ratio), so every DDP rank
-  and every resumed run builds the same ones; :meth:`IMoDMasks.fingerprint` (sha256 over names, shapes and zones)
+- **Layer position.** `r_s(l) = r_s(0) + alpha * l / L` with `l` the zero-based index of the block the adapter
+  sits in and `L` the length of that block stack, read from the model (the *outermost* `nn.ModuleList` on the
+  module's path, e.g. `model.language_model.layers`; a MoE expert list inside a layer does not count). The
+  deepest block therefore gets `r_s(0) + alpha * (L - 1) / L`, as the formula says. A module that sits in no
+  numbered stack (an `lm_head`, a projector) gets `r_s(0)` and is recorded with `layer = None`.
+- **Exact counts.** `n = r * d` elements; `n_s = round(r_s * n)` shared, the rest split evenly,
+  `n_t = (n - n_s) // 2` text and `n_o = n - n_s - n_t` non-text (the odd element goes to non-text).
+- **Random interleaving.** One permutation of the `n` elements from NumPy's legacy `RandomState` (whose stream
+  NumPy keeps frozen across versions), seeded by `sha256(f"{seed}:{module name}")`: the first `n_t` positions are
+  text, the next `n_o` non-text, the rest shared. Masks depend only on (seed, name, shape, ratio), so every DDP rank
+  and every resumed run builds the same ones; [`IMoDMasks.fingerprint`] (sha256 over names, shapes and zones)
   verifies it.
 """
 
@@ -37,22 +37,22 @@ from ..model.adapters import LoraAdapter
 from ..model.peft_names import strip_peft_prefix
 
 TEXT_ZONE, NON_TEXT_ZONE, SHARED_ZONE = 0, 1, 2
-"""Zone codes of an element of ``A``: text-exclusive (``M_t``), non-text-exclusive (``M_o``), shared (``M_s``)."""
+"""Zone codes of an element of `A`: text-exclusive (`M_t`), non-text-exclusive (`M_o`), shared (`M_s`)."""
 
 _INDEX = re.compile(r"^\d+$")
 
 
 def shared_ratio(base_ratio: float, alpha: float, layer: int | None, num_layers: int | None) -> float:
-    """The shared ratio ``r_s(l) = r_s(0) + alpha * l / L`` (``r_s(0)`` for a module outside a layer stack)."""
+    """The shared ratio `r_s(l) = r_s(0) + alpha * l / L` (`r_s(0)` for a module outside a layer stack)."""
     if layer is None or not num_layers:
         return float(base_ratio)
     return float(base_ratio) + float(alpha) * layer / num_layers
 
 
 def layer_stacks(model: nn.Module) -> dict[str, int]:
-    """Every non-empty ``nn.ModuleList`` (the containers transformers builds layer stacks with): path -> length.
+    """Every non-empty `nn.ModuleList` (the containers transformers builds layer stacks with): path -> length.
 
-    ``nn.Sequential`` is left out: it holds the sub-layers of one block (a projector's MLP), not a stack of blocks.
+    `nn.Sequential` is left out: it holds the sub-layers of one block (a projector's MLP), not a stack of blocks.
     """
     stacks: dict[str, int] = {}
     for path, module in model.named_modules():
@@ -62,14 +62,14 @@ def layer_stacks(model: nn.Module) -> dict[str, int]:
 
 
 def layer_position(name: str, stacks: dict[str, int]) -> tuple[int | None, int | None]:
-    """``(l, L)`` of module ``name``: its index in the outermost numbered stack on its path, and that stack's length.
+    """`(l, L)` of module `name`: its index in the outermost numbered stack on its path, and that stack's length.
 
     Args:
-        name: Module path as in the base model (``model.language_model.layers.3.self_attn.q_proj``).
-        stacks: Output of :func:`layer_stacks`.
+        name: Module path as in the base model (`model.language_model.layers.3.self_attn.q_proj`).
+        stacks: Output of [`layer_stacks`].
 
     Returns:
-        ``(None, None)`` when no numbered stack holds the module.
+        `(None, None)` when no numbered stack holds the module.
     """
     parts = name.split(".")
     for i in range(1, len(parts)):
@@ -86,14 +86,14 @@ def mask_seed(seed: int, name: str) -> int:
 
 
 def zone_counts(numel: int, ratio: float) -> tuple[int, int, int]:
-    """``(n_t, n_o, n_s)`` for ``numel`` elements and shared ratio ``ratio``."""
+    """`(n_t, n_o, n_s)` for `numel` elements and shared ratio `ratio`."""
     n_s = min(numel, max(0, round(ratio * numel)))
     n_t = (numel - n_s) // 2
     return n_t, numel - n_s - n_t, n_s
 
 
 def build_zone(shape: tuple[int, int], ratio: float, seed: int, name: str) -> torch.Tensor:
-    """The seeded zone tensor (``uint8``, ``shape``) of one module; see the module docstring."""
+    """The seeded zone tensor (`uint8`, `shape`) of one module; see the module docstring."""
     numel = int(shape[0]) * int(shape[1])
     n_t, n_o, _ = zone_counts(numel, ratio)
     order = np.random.RandomState(mask_seed(seed, name)).permutation(numel)
@@ -105,14 +105,14 @@ def build_zone(shape: tuple[int, int], ratio: float, seed: int, name: str) -> to
 
 @dataclass
 class LayerMask:
-    """The IMoD masks of one LoRA ``A``.
+    """The IMoD masks of one LoRA `A`.
 
     Attributes:
         name: Adapted module path as in the base model.
-        layer: Index ``l`` in its layer stack (``None`` outside one).
-        num_layers: Length ``L`` of that stack (``None`` outside one).
-        ratio: Target shared ratio ``r_s(l)``.
-        zone: ``uint8`` tensor shaped like ``A`` (CPU); :data:`TEXT_ZONE` / :data:`NON_TEXT_ZONE` / :data:`SHARED_ZONE`.
+        layer: Index `l` in its layer stack (`None` outside one).
+        num_layers: Length `L` of that stack (`None` outside one).
+        ratio: Target shared ratio `r_s(l)`.
+        zone: `uint8` tensor shaped like `A` (CPU); [`TEXT_ZONE`] / [`NON_TEXT_ZONE`] / [`SHARED_ZONE`].
     """
 
     name: str
@@ -122,7 +122,7 @@ class LayerMask:
     zone: torch.Tensor
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(M_t, M_o, M_s)`` as boolean tensors."""
+        """`(M_t, M_o, M_s)` as boolean tensors."""
         return self.zone == TEXT_ZONE, self.zone == NON_TEXT_ZONE, self.zone == SHARED_ZONE
 
     def counts(self) -> dict[str, int]:
@@ -149,9 +149,9 @@ class IMoDMasks:
     """The masks of every IMoD-constrained LoRA layer of one run.
 
     Args:
-        layers: One :class:`LayerMask` per adapter, in model order.
+        layers: One [`LayerMask`] per adapter, in model order.
         seed: Seed the masks were drawn with.
-        base_ratio: ``r_s(0)``.
+        base_ratio: `r_s(0)`.
         alpha: Growth of the shared ratio with depth.
     """
 
@@ -171,7 +171,7 @@ class IMoDMasks:
         base_ratio: float,
         alpha: float,
     ) -> IMoDMasks:
-        """Draw the masks of ``adapters`` (their ``lora_A`` shapes), with layer positions read from ``model``."""
+        """Draw the masks of `adapters` (their `lora_A` shapes), with layer positions read from `model`."""
         stacks = layer_stacks(model)
         layers = []
         for adapter in adapters:

@@ -1,8 +1,8 @@
 """Where the text and non-text tokens of a collated batch sit, per sequence: shared by IMoD and the dominance rate.
 
-A *sequence* is one row of ``input_ids``; with padding-free packing (``position_ids`` and no ``attention_mask``) it is
-each segment whose ``position_ids`` restart at 0. Padding (``attention_mask == 0``) belongs to neither modality.
-Non-text means any of image, video and audio placeholder tokens (:func:`mm_trainer.model.modality.token_modality`).
+A *sequence* is one row of `input_ids`; with padding-free packing (`position_ids` and no `attention_mask`) it is
+each segment whose `position_ids` restart at 0. Padding (`attention_mask == 0`) belongs to neither modality.
+Non-text means any of image, video and audio placeholder tokens ([`mm_trainer.model.modality.token_modality`]).
 """
 
 from __future__ import annotations
@@ -18,32 +18,32 @@ from ..model.modality import PAD, TEXT, token_modality
 
 @dataclass
 class TokenLayout:
-    """Token positions of one micro-batch, flattened over ``(batch, time)``, built once and shared by every layer.
+    """Token positions of one micro-batch, flattened over `(batch, time)`, built once and shared by every layer.
 
-    Everything a layer's constraint needs per token or per sequence is a tensor here, computed in :meth:`from_classes`
+    Everything a layer's constraint needs per token or per sequence is a tensor here, computed in [`from_classes`]
     without a loop over sequences, so a layer runs no Python loop and no host-device synchronisation of its own.
-    *Groups* are the ``(sequence, modality)`` pairs: group ``s`` holds the text tokens of sequence ``s`` and group
-    ``num_sequences + s`` its non-text tokens.
+    *Groups* are the `(sequence, modality)` pairs: group `s` holds the text tokens of sequence `s` and group
+    `num_sequences + s` its non-text tokens.
 
     Attributes:
-        shape: ``input_ids.shape``; a layer input lines up with the tokens when its leading dims equal it.
+        shape: `input_ids.shape`; a layer input lines up with the tokens when its leading dims equal it.
         num_sequences: Sequences in the micro-batch (text-only ones included).
         sequences_with_both: Sequences holding text and non-text tokens.
         text_index / non_text_index: Flat positions of the text / non-text tokens.
         text_sequence / non_text_sequence: Sequence of each of those positions.
-        text_count / non_text_count: Tokens per sequence (float, ``num_sequences``).
-        membership: ``num_sequences x tokens``, 1 where a (non-padding) token belongs to a sequence.
-        text_mean / non_text_mean: ``num_sequences x tokens`` weights of the per-sequence mean over its text /
-            non-text tokens (``1 / count`` on them, 0 elsewhere): ``text_mean @ values`` averages per sequence.
+        text_count / non_text_count: Tokens per sequence (float, `num_sequences`).
+        membership: `num_sequences x tokens`, 1 where a (non-padding) token belongs to a sequence.
+        text_mean / non_text_mean: `num_sequences x tokens` weights of the per-sequence mean over its text /
+            non-text tokens (`1 / count` on them, 0 elsewhere): `text_mean @ values` averages per sequence.
         text_weight / non_text_weight: Per token, its weight in its sequence's text / non-text mean (the column sums
-            of ``text_mean`` / ``non_text_mean``).
-        group_mean: ``2·num_sequences x tokens``, ``text_mean`` stacked on ``non_text_mean``: per-group means.
+            of `text_mean` / `non_text_mean`).
+        group_mean: `2·num_sequences x tokens`, `text_mean` stacked on `non_text_mean`: per-group means.
         group: Per token, its group (padding: 0, with weight 0).
-        token_weight: Per token, its weight in its group's mean (``text_weight + non_text_weight``).
+        token_weight: Per token, its weight in its group's mean (`text_weight + non_text_weight`).
         both_groups: Per group, 1.0 when its sequence holds both modalities.
-        both_weight: Per token, ``token_weight`` where its sequence holds both modalities, else 0.
-        text_rows: ``tokens x 1`` float, 1 on text tokens.
-        text_mask: ``tokens x 1`` bool, True on text tokens.
+        both_weight: Per token, `token_weight` where its sequence holds both modalities, else 0.
+        text_rows: `tokens x 1` float, 1 on text tokens.
+        text_mask: `tokens x 1` bool, True on text tokens.
     """
 
     shape: torch.Size
@@ -72,14 +72,14 @@ class TokenLayout:
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, Any], config: Any) -> TokenLayout:
-        """The layout of a collated batch (``input_ids`` plus ``attention_mask`` or ``position_ids``)."""
+        """The layout of a collated batch (`input_ids` plus `attention_mask` or `position_ids`)."""
         return cls.from_classes(token_modality(batch, config), _packed_sequence_ids(batch))
 
     @classmethod
     def from_classes(cls, classes: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> TokenLayout:
-        """The layout from per-token classes (``PAD`` / ``TEXT`` / media) and, optionally, per-token sequence ids.
+        """The layout from per-token classes (`PAD` / `TEXT` / media) and, optionally, per-token sequence ids.
 
-        Without ``sequence_ids`` every row of ``classes`` is one sequence. Synchronises with the device at most twice
+        Without `sequence_ids` every row of `classes` is one sequence. Synchronises with the device at most twice
         (the number of packed sequences, the number of sequences with both modalities), once per micro-batch.
         """
         if classes.dim() == 1:
@@ -137,11 +137,11 @@ class TokenLayout:
         return self.non_text_index.numel() > 0
 
     def aligned(self, hidden: torch.Tensor) -> bool:
-        """Whether a layer input ``(..., features)`` has one row per token of this batch."""
+        """Whether a layer input `(..., features)` has one row per token of this batch."""
         return tuple(hidden.shape[:-1]) == tuple(self.shape)
 
     def to(self, device: torch.device) -> TokenLayout:
-        """This layout with its tensors on ``device`` (cached per device)."""
+        """This layout with its tensors on `device` (cached per device)."""
         if self.text_index.device == device:
             return self
         if device not in self._by_device:
@@ -156,7 +156,7 @@ class TokenLayout:
         return self._by_device[device]
 
     def sequence_positions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per sequence, the flat positions of its ``(text, non-text)`` tokens (computed once)."""
+        """Per sequence, the flat positions of its `(text, non-text)` tokens (computed once)."""
         if self._positions is None:
             self._positions = [
                 (self.text_index[self.text_sequence == s], self.non_text_index[self.non_text_sequence == s])
@@ -166,7 +166,7 @@ class TokenLayout:
 
 
 def _packed_sequence_ids(batch: Mapping[str, Any]) -> torch.Tensor | None:
-    """Per-token sequence ids of a padding-free batch (segments restart ``position_ids`` at 0), else ``None``."""
+    """Per-token sequence ids of a padding-free batch (segments restart `position_ids` at 0), else `None`."""
     if batch.get("attention_mask") is not None:
         return None
     position_ids = batch.get("position_ids")

@@ -1,14 +1,14 @@
 """Load a model by path without materializing the towers the data never reaches.
 
-A text-only run releases a VLM's vision tower (:mod:`mm_trainer.model.release`), but when the trainer is given a model
+A text-only run releases a VLM's vision tower ([`mm_trainer.model.release`]), but when the trainer is given a model
 instance, or loads one in full, the peak memory still holds the tower. Given a path or Hub id instead, mm-trainer
 decides which towers it would release *before* loading (from the dataset's modality profile and the model's config,
-built on the meta device) and loads through ``from_pretrained`` with a ``device_map`` that places those towers on
-``"disk"``: transformers indexes their weights where they lie in the checkpoint files (it reads each tensor once on
+built on the meta device) and loads through `from_pretrained` with a `device_map` that places those towers on
+`"disk"`: transformers indexes their weights where they lie in the checkpoint files (it reads each tensor once on
 the way and keeps none; nothing is written) and leaves their parameters on the meta device, while the language model,
 the embeddings and everything else load as usual. The accelerate hooks
 that the disk placement adds are removed right after the load, and
-:func:`~mm_trainer.model.release.release_unloaded_towers` then gives the towers the same state a release leaves.
+[`~mm_trainer.model.release.release_unloaded_towers`] then gives the towers the same state a release leaves.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ _DISK = "disk"
 
 @dataclass
 class UnloadedTowers:
-    """Towers to leave unloaded in one ``from_pretrained`` call.
+    """Towers to leave unloaded in one `from_pretrained` call.
 
     Attributes:
-        roots: ``(path, tower)`` of each tower root left on the meta device.
-        device: The device everything else loads to (what the ``device_map`` asked for).
-        device_map: The ``device_map`` given to ``from_pretrained``: the user's single device per module, the towers on
-            ``"disk"``.
-        user_device_map: The ``device_map`` the load would have had (restored as ``hf_device_map`` after it).
+        roots: `(path, tower)` of each tower root left on the meta device.
+        device: The device everything else loads to (what the `device_map` asked for).
+        device_map: The `device_map` given to `from_pretrained`: the user's single device per module, the towers on
+            `"disk"`.
+        user_device_map: The `device_map` the load would have had (restored as `hf_device_map` after it).
     """
 
     roots: list[tuple[str, str]]
@@ -47,9 +47,9 @@ class UnloadedTowers:
 
 
 def single_device(device_map: Any) -> Any | None:
-    """The one device ``device_map`` loads every weight to, or ``None`` when it spreads the model (or can't tell).
+    """The one device `device_map` loads every weight to, or `None` when it spreads the model (or can't tell).
 
-    ``None`` (no map) is the CPU; ``"auto"`` and the other strategies are one device only when at most one accelerator
+    `None` (no map) is the CPU; `"auto"` and the other strategies are one device only when at most one accelerator
     is visible.
     """
     if device_map is None:
@@ -69,7 +69,7 @@ def single_device(device_map: Any) -> Any | None:
 
 
 def unreached_roots(meta_model: nn.Module, reached: set[str], selected: set[str]) -> list[tuple[str, str]]:
-    """Vision / audio tower roots of ``meta_model`` whose tower the data does not reach and no one selected."""
+    """Vision / audio tower roots of `meta_model` whose tower the data does not reach and no one selected."""
     roots = map_towers(meta_model).roots
     return [
         (path, tower)
@@ -79,10 +79,10 @@ def unreached_roots(meta_model: nn.Module, reached: set[str], selected: set[str]
 
 
 def device_map_without(meta_model: nn.Module, roots: list[str], device: Any) -> dict[str, Any] | None:
-    """A ``device_map`` that puts every module on ``device`` except the subtrees at ``roots`` (on ``"disk"``).
+    """A `device_map` that puts every module on `device` except the subtrees at `roots` (on `"disk"`).
 
-    It names the siblings along the path to each root instead of a catch-all ``""`` (accelerate's root hook would
-    otherwise try to place the towers' meta tensors). ``None`` when a module on such a path holds weights of its own
+    It names the siblings along the path to each root instead of a catch-all `""` (accelerate's root hook would
+    otherwise try to place the towers' meta tensors). `None` when a module on such a path holds weights of its own
     (no module-level map can leave them out).
     """
     # A torch.device, not a string: bitsandbytes keeps every module mapped to the string "cpu" in full precision.
@@ -106,7 +106,7 @@ def device_map_without(meta_model: nn.Module, roots: list[str], device: Any) -> 
 
 
 def load_kwargs(unloaded: UnloadedTowers, kwargs: dict[str, Any], offload_folder: str) -> dict[str, Any]:
-    """``from_pretrained`` kwargs that leave ``unloaded.roots`` on the meta device."""
+    """`from_pretrained` kwargs that leave `unloaded.roots` on the meta device."""
     out = {**kwargs, "device_map": unloaded.device_map, "offload_folder": offload_folder}
     qconfig = out.get("quantization_config")
     if qconfig is not None and hasattr(qconfig, "llm_int8_enable_fp32_cpu_offload"):
@@ -116,7 +116,7 @@ def load_kwargs(unloaded: UnloadedTowers, kwargs: dict[str, Any], offload_folder
 
 
 def finish_load(model: nn.Module, unloaded: UnloadedTowers) -> None:
-    """Undo what the disk placement added: accelerate's hooks, the ``hf_device_map`` and the CPU-offload flag."""
+    """Undo what the disk placement added: accelerate's hooks, the `hf_device_map` and the CPU-offload flag."""
     from accelerate.hooks import remove_hook_from_module
 
     remove_hook_from_module(model, recurse=True)
@@ -142,7 +142,7 @@ def finish_load(model: nn.Module, unloaded: UnloadedTowers) -> None:
 
 
 def load_without(load: Any, model_id: str, kwargs: dict[str, Any], unloaded: UnloadedTowers) -> nn.Module:
-    """``load(model_id, **kwargs)`` (a ``from_pretrained``-like callable) with ``unloaded.roots`` never materialized."""
+    """`load(model_id, **kwargs)` (a `from_pretrained`-like callable) with `unloaded.roots` never materialized."""
     dispatch_log = logging.getLogger("accelerate.big_modeling")
     quiet = _DropOffloadNotice()
     dispatch_log.addFilter(quiet)  # "Some parameters are on the meta device because they were offloaded": by design
@@ -164,7 +164,7 @@ class _DropOffloadNotice(logging.Filter):
 def plan_unloaded(
     meta_model: nn.Module, device_map: Any, reached: set[str], selected: set[str]
 ) -> tuple[UnloadedTowers | None, str | None]:
-    """Which towers of ``meta_model`` to leave unloaded, or ``(None, reason)`` when none can be."""
+    """Which towers of `meta_model` to leave unloaded, or `(None, reason)` when none can be."""
     roots = unreached_roots(meta_model, reached, selected)
     if not roots:
         return None, None

@@ -34,7 +34,7 @@ def expand_all_linear(model: nn.Module, peft_config: Any) -> Any:
 
 
 def with_default_targets(model: nn.Module, peft_config: Any) -> Any:
-    """``peft_config`` with PEFT's default ``target_modules`` for the model type filled in when none are set."""
+    """`peft_config` with PEFT's default `target_modules` for the model type filled in when none are set."""
     if getattr(peft_config, "target_modules", None) is not None or getattr(peft_config, "target_parameters", None):
         return peft_config
     default = _default_targets(model)
@@ -50,11 +50,11 @@ def with_default_targets(model: nn.Module, peft_config: Any) -> Any:
 
 
 def matched_modules(model: nn.Module, peft_config: Any) -> list[str]:
-    """Paths of the modules PEFT would adapt for ``peft_config`` on ``model``, in model order.
+    """Paths of the modules PEFT would adapt for `peft_config` on `model`, in model order.
 
     The matching is PEFT's own (`check_target_module_exists`: full-path regex, exact path
-    or ``.suffix``, ``layers_to_transform`` / ``layers_pattern``, ``exclude_modules``, ``modules_to_save``), after
-    ``"all-linear"`` is expanded as PEFT does (:func:`expand_all_linear`). When ``target_modules`` is unset, PEFT's
+    or `.suffix`, `layers_to_transform` / `layers_pattern`, `exclude_modules`, `modules_to_save`), after
+    `"all-linear"` is expanded as PEFT does ([`expand_all_linear`]). When `target_modules` is unset, PEFT's
     default targets for the model type are used, falling back to those of its text model (PEFT itself knows few
     multimodal model types).
     """
@@ -65,8 +65,8 @@ def matched_modules(model: nn.Module, peft_config: Any) -> list[str]:
 
 
 def matched_parameters(model: nn.Module, peft_config: Any) -> list[str]:
-    """``module.parameter`` keys that ``peft_config.target_parameters`` selects, with PEFT's rule (the key, or a
-    ``.suffix`` of it, is listed), each parameter taken on the lowest module that holds it."""
+    """`module.parameter` keys that `peft_config.target_parameters` selects, with PEFT's rule (the key, or a
+    `.suffix` of it, is listed), each parameter taken on the lowest module that holds it."""
     targets = getattr(peft_config, "target_parameters", None)
     if not targets:
         return []
@@ -81,10 +81,10 @@ def matched_parameters(model: nn.Module, peft_config: Any) -> list[str]:
 
 
 def expert_groups(model: nn.Module) -> dict[str, str]:
-    """Linear layers of per-expert ``ModuleList``s, each mapped to its MoE block (the list's parent module).
+    """Linear layers of per-expert `ModuleList`s, each mapped to its MoE block (the list's parent module).
 
-    A list of at least two modules of one class is a set of experts when it is named so (``experts``) or when its
-    parent holds a router: a module whose 2-D ``weight`` has one row per list entry (``gate``: hidden -> experts). A
+    A list of at least two modules of one class is a set of experts when it is named so (`experts`) or when its
+    parent holds a router: a module whose 2-D `weight` has one row per list entry (`gate`: hidden -> experts). A
     stack of decoder layers has no such sibling, so its layers are never grouped.
     """
     groups: dict[str, str] = {}

@@ -39,7 +39,7 @@ _PART_TYPES: dict[str, str] = {
 }
 _CHAT_COLUMNS = ("messages", "prompt", "completion", "conversations")
 
-# Token classes in :func:`token_modality`.
+# Token classes in [`token_modality`].
 PAD, TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3, 4
 TOKEN_CLASS: dict[str, int] = {"pad": PAD, "text": TEXT, "image": IMAGE, "video": VIDEO, "audio": AUDIO}
 
@@ -60,10 +60,10 @@ class ModalityProfile:
     """The modalities a dataset holds, as seen on a bounded sample of its rows.
 
     Attributes:
-        modalities: Modalities present in at least one sampled row (``"text"`` is always there).
+        modalities: Modalities present in at least one sampled row (`"text"` is always there).
         rows_sampled: How many rows were inspected.
         rows_with: Per non-text modality, how many sampled rows hold it.
-        iterable: Whether the dataset was an ``IterableDataset`` (sampled from its head).
+        iterable: Whether the dataset was an `IterableDataset` (sampled from its head).
         declared: Whether the modalities were declared by the user instead of sampled.
     """
 
@@ -160,14 +160,14 @@ def profile_dataset(dataset: Any, max_rows: int = 256) -> ModalityProfile:
     """Profile a dataset's modalities over a bounded sample.
 
     A map-style dataset is sampled at evenly spaced rows (first and last included), an iterable one from its head.
-    Media columns of ``datasets`` ``Image``/``Audio``/``Video`` features are read without decoding.
+    Media columns of `datasets` `Image`/`Audio`/`Video` features are read without decoding.
 
     Args:
-        dataset: A ``datasets.Dataset``, ``datasets.IterableDataset``, or any sequence / iterable of dict rows.
+        dataset: A `datasets.Dataset`, `datasets.IterableDataset`, or any sequence / iterable of dict rows.
         max_rows: Upper bound on the rows inspected.
 
     Returns:
-        The :class:`ModalityProfile`.
+        The [`ModalityProfile`].
     """
     if max_rows < 1:
         raise ValueError(f"`max_rows` must be >= 1, got {max_rows}.")
@@ -190,7 +190,7 @@ def profile_dataset(dataset: Any, max_rows: int = 256) -> ModalityProfile:
 
 
 def sample_rows(dataset: Any, max_rows: int) -> list[dict[str, Any]]:
-    """Up to ``max_rows`` rows of ``dataset`` as dicts (decoded), spread over a map-style dataset."""
+    """Up to `max_rows` rows of `dataset` as dicts (decoded), spread over a map-style dataset."""
     if hasattr(dataset, "select") and hasattr(dataset, "__len__"):
         return [dict(dataset[i]) for i in _spread(len(dataset), max_rows)]
     return [dict(r) for r in itertools.islice(iter(dataset), max_rows)]
@@ -234,7 +234,7 @@ def _without_media_decoding(dataset: Any) -> Any:
 
 
 def placeholder_ids(config: Any) -> dict[str, int]:
-    """Placeholder token ids of each non-text modality, read from a model config (``image_token_id`` and kin).
+    """Placeholder token ids of each non-text modality, read from a model config (`image_token_id` and kin).
 
     Looks at the top-level config and its text sub-config. Only integer ids are returned.
     """
@@ -255,7 +255,7 @@ def placeholder_ids(config: Any) -> dict[str, int]:
 
 
 def batch_modalities(batch: Mapping[str, Any]) -> set[str]:
-    """Non-text modalities whose features a collated batch carries (``pixel_values``, ``input_features``, ...)."""
+    """Non-text modalities whose features a collated batch carries (`pixel_values`, `input_features`, ...)."""
     return {m for m, keys in _PIXEL_KEYS.items() if any(batch.get(k) is not None for k in keys)}
 
 
@@ -267,16 +267,16 @@ def token_modality(
     """Per-token modality class of a collated batch.
 
     Args:
-        batch: A batch with ``input_ids`` and, optionally, ``attention_mask`` and media features.
-        config: The model config, read for placeholder ids (``image_token_id``, ``audio_token_index``, ...).
-        placeholders: Explicit ``{modality: token_id}``, overriding the config.
+        batch: A batch with `input_ids` and, optionally, `attention_mask` and media features.
+        config: The model config, read for placeholder ids (`image_token_id`, `audio_token_index`, ...).
+        placeholders: Explicit `{modality: token_id}`, overriding the config.
 
     Returns:
-        A ``long`` tensor shaped like ``input_ids``: :data:`PAD` for padding, :data:`TEXT`, :data:`IMAGE`,
-        :data:`VIDEO` or :data:`AUDIO`.
+        A `long` tensor shaped like `input_ids`: [`PAD`] for padding, [`TEXT`], [`IMAGE`],
+        [`VIDEO`] or [`AUDIO`].
 
     Raises:
-        ValueError: The batch carries media features but neither ``placeholders`` nor the config says which token
+        ValueError: The batch carries media features but neither `placeholders` nor the config says which token
             id stands for them.
     """
     input_ids = batch["input_ids"]
@@ -302,16 +302,16 @@ def token_modality(
 
 
 _TEXT_SOURCES = ("messages", "prompt", "completion", "input_ids", "conversations")
-"""Columns from which TRL's ``SFTTrainer`` builds the text (besides ``dataset_text_field``)."""
+"""Columns from which TRL's `SFTTrainer` builds the text (besides `dataset_text_field`)."""
 
 
 def check_dataset_columns(dataset: Any, text_field: str | None, formatting_func: Any = None) -> None:
-    """Refuse, with the fix, a dataset from which ``SFTTrainer`` can build no text (it would fail deep inside
-    ``datasets`` with a bare ``KeyError``).
+    """Refuse, with the fix, a dataset from which `SFTTrainer` can build no text (it would fail deep inside
+    `datasets` with a bare `KeyError`).
 
     Args:
-        dataset: The training dataset (``Dataset`` / ``IterableDataset``; other kinds are not checked).
-        text_field: ``dataset_text_field`` (default ``"text"``).
+        dataset: The training dataset (`Dataset` / `IterableDataset`; other kinds are not checked).
+        text_field: `dataset_text_field` (default `"text"`).
         formatting_func: When given, it builds the text from any columns: nothing is checked.
 
     Raises:
@@ -340,14 +340,14 @@ def check_dataset_columns(dataset: Any, text_field: str | None, formatting_func:
 def batch_modality_rows(batch: Mapping[str, Any], placeholders: Mapping[str, int]) -> dict[str, list[int] | None]:
     """Non-text modalities a collated batch carries, each with the batch rows that hold it where that is known.
 
-    A modality counts as present when its features are in the batch (``pixel_values``, ``input_features``, ...; an
-    empty tensor does not count) or its placeholder token occurs in ``input_ids``. Rows come from the placeholder
-    tokens; a modality seen only through its features maps to ``None`` (rows unknown: features are often flattened
+    A modality counts as present when its features are in the batch (`pixel_values`, `input_features`, ...; an
+    empty tensor does not count) or its placeholder token occurs in `input_ids`. Rows come from the placeholder
+    tokens; a modality seen only through its features maps to `None` (rows unknown: features are often flattened
     across the batch).
 
     Args:
         batch: A collated batch.
-        placeholders: ``{modality: token_id}``, e.g. from :func:`placeholder_ids`.
+        placeholders: `{modality: token_id}`, e.g. from [`placeholder_ids`].
     """
     found: dict[str, list[int] | None] = {}
     for modality, keys in _PIXEL_KEYS.items():

@@ -1,8 +1,8 @@
 """Which transformers class a config builds, and that model on the meta device (module tree, no weights read).
 
-One rule for ``mm-trainer plan`` and for the 4-bit skip list found before a load: TRL's ``create_model_from_path``
-rule (the class ``architectures[0]`` names; for remote code the auto class ``auto_map`` declares), so the module paths
-of the meta model are those of the model the trainer then loads. Configs without ``architectures`` (TRL cannot load
+One rule for `mm-trainer plan` and for the 4-bit skip list found before a load: TRL's `create_model_from_path`
+rule (the class `architectures[0]` names; for remote code the auto class `auto_map` declares), so the module paths
+of the meta model are those of the model the trainer then loads. Configs without `architectures` (TRL cannot load
 them) fall back to the first auto class that maps the config.
 """
 
@@ -18,7 +18,7 @@ _MAPPINGS = ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING", "MODEL_FOR_CAUSAL_LM_MAPPIN
 
 
 def model_class_for(config: Any) -> type:
-    """The class that builds ``config``: a model class, or an auto class for remote code / no ``architectures``."""
+    """The class that builds `config`: a model class, or an auto class for remote code / no `architectures`."""
     import transformers
 
     architectures = getattr(config, "architectures", None) or []
@@ -41,7 +41,7 @@ def model_class_for(config: Any) -> type:
 
 
 def meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
-    """The model ``config`` builds, instantiated on the meta device: the full module tree, no weight memory."""
+    """The model `config` builds, instantiated on the meta device: the full module tree, no weight memory."""
     cls = model_class_for(config)
     with torch.device("meta"):
         if cls.__name__.startswith("Auto"):

@@ -1,4 +1,4 @@
-"""Render a :class:`~mm_trainer.model.targets.TargetPlan` as a ``rich`` table (trainer start-up and ``mm-trainer plan``)."""
+"""Render a [`~mm_trainer.model.targets.TargetPlan`] as a `rich` table (trainer start-up and `mm-trainer plan`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def human(n: float) -> str:
 
 
 def peft_method(plan: TargetPlan) -> str:
-    """The PEFT method of the plan's config: ``LoRA``, ``IA3``, ``LoHa``, ... (``LoRA`` for the CLI's spec)."""
+    """The PEFT method of the plan's config: `LoRA`, `IA3`, `LoHa`, ... (`LoRA` for the CLI's spec)."""
     peft_type = getattr(plan.peft_config, "peft_type", None)
     name = getattr(peft_type, "value", peft_type)
     if not name:
@@ -111,7 +111,7 @@ class ParamMemory:
 
     Attributes:
         total_params: Every parameter of the model (tied ones once).
-        released_params: Parameters of the towers a text-only run releases (:func:`~mm_trainer.model.release.releasable_roots`).
+        released_params: Parameters of the towers a text-only run releases ([`~mm_trainer.model.release.releasable_roots`]).
         released_roots: Module paths of those towers.
     """
 
@@ -120,8 +120,8 @@ class ParamMemory:
     released_roots: tuple[str, ...]
 
     def peak_bytes(self) -> dict[str, dict[str, int]]:
-        """Per dtype: ``full`` (a model instance, or a load that keeps the towers) and ``path_load`` (a path or Hub id
-        given to ``MMSFTTrainer``, whose load never materializes the released towers)."""
+        """Per dtype: `full` (a model instance, or a load that keeps the towers) and `path_load` (a path or Hub id
+        given to `MMSFTTrainer`, whose load never materializes the released towers)."""
         return {
             dtype: {"full": self.total_params * size, "path_load": (self.total_params - self.released_params) * size}
             for dtype, size in PEAK_DTYPES.items()
@@ -138,7 +138,7 @@ class ParamMemory:
 
 
 def param_memory(model: Any, plan: TargetPlan) -> ParamMemory:
-    """The :class:`ParamMemory` of ``model`` (real or on the meta device) under ``plan``."""
+    """The [`ParamMemory`] of `model` (real or on the meta device) under `plan`."""
     from .release import releasable_roots
 
     roots = tuple(path for path, _ in releasable_roots(plan))

@@ -2,17 +2,17 @@
 
 A module is *reached* when it runs on the batch (fires) and a LoRA adapter on it would get a non-zero gradient. For a
 linear map that needs both a non-zero gradient of the loss with respect to its output *and* a non-zero input: the
-gradient of ``lora_B`` is ``sum_t g_t (A x_t)^T``, zero when every ``x_t`` is zero (Gemma 3n's per-layer input gate,
-fed through a zero-initialised scale) however large ``g_t`` is. The probe catches what structure cannot: a vision
+gradient of `lora_B` is `sum_t g_t (A x_t)^T`, zero when every `x_t` is zero (Gemma 3n's per-layer input gate,
+fed through a zero-initialised scale) however large `g_t` is. The probe catches what structure cannot: a vision
 tower fed a dummy image whose features are multiplied by zero, cross-attention layers that text-only input skips, or
-a module whose forward only runs in eval mode (Gemma 3n's ``altup.correction_coefs``: in training mode the model
-reads its clamped weight with ``F.linear`` and never calls the module).
+a module whose forward only runs in eval mode (Gemma 3n's `altup.correction_coefs`: in training mode the model
+reads its clamped weight with `F.linear` and never calls the module).
 
 To mean "reached in training", the probe runs the model as the trainer will: in training mode (dropout on), under the
-same activation checkpointing and mixed-precision autocast as the ``TrainingArguments``, on the batch TRL's collator
-builds. It attaches a rank-1 stand-in of a LoRA adapter to each watched module (``out + (x . a) b`` with a fixed
-random ``a`` and a zero leaf ``b``), so the output is unchanged and ``b``'s gradient is exactly the one ``lora_B``
-would get. No parameter gains a ``.grad``; mode, RNG state, buffers, ``requires_grad`` flags and the checkpointing
+same activation checkpointing and mixed-precision autocast as the `TrainingArguments`, on the batch TRL's collator
+builds. It attaches a rank-1 stand-in of a LoRA adapter to each watched module (`out + (x . a) b` with a fixed
+random `a` and a zero leaf `b`), so the output is unchanged and `b`'s gradient is exactly the one `lora_B`
+would get. No parameter gains a `.grad`; mode, RNG state, buffers, `requires_grad` flags and the checkpointing
 setup are restored afterwards, so training starts exactly as it would without the probe.
 """
 
@@ -47,7 +47,7 @@ class ProbeResult:
         fired: Paths whose forward ran on the batch.
         nonzero_grad: Paths whose LoRA stand-in got a non-zero gradient.
         zero_input: Paths that fired but whose input was exactly zero on every call of the first step.
-        reached_later: Paths (in ``nonzero_grad``) whose gradient is zero on the first step only: it becomes non-zero
+        reached_later: Paths (in `nonzero_grad`) whose gradient is zero on the first step only: it becomes non-zero
             once the adapters upstream have moved off their zero init (a second pass with perturbed stand-ins).
         batch_modalities: Non-text modalities the probe batch carried.
         loss: The probe loss.
@@ -68,7 +68,7 @@ class ProbeResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def status(self, name: str) -> str:
-        """``"reached"``, ``"never_fired"`` or ``"zero_grad"`` for a watched module."""
+        """`"reached"`, `"never_fired"` or `"zero_grad"` for a watched module."""
         if name not in self.fired:
             return "never_fired"
         if name not in self.nonzero_grad:
@@ -114,15 +114,15 @@ class ProbeResult:
 
 @dataclass
 class ProbeSettings:
-    """How the probe runs the model; :meth:`from_training_args` mirrors what the trainer will do.
+    """How the probe runs the model; [`from_training_args`] mirrors what the trainer will do.
 
     Attributes:
         training: Run the forward in training mode (dropout and every training-only branch on).
         activation_checkpointing: Enable the model's activation (gradient) checkpointing for the probe, as the
             trainer will (only on models that support it and do not have it on already).
-        activation_checkpointing_kwargs: The trainer's ``activation_checkpointing_kwargs``.
-        autocast_dtype: Mixed-precision autocast dtype (``torch.bfloat16`` for ``bf16=True``, ``torch.float16`` for
-            ``fp16=True``), or ``None`` for none.
+        activation_checkpointing_kwargs: The trainer's `activation_checkpointing_kwargs`.
+        autocast_dtype: Mixed-precision autocast dtype (`torch.bfloat16` for `bf16=True`, `torch.float16` for
+            `fp16=True`), or `None` for none.
     """
 
     training: bool = True
@@ -132,7 +132,7 @@ class ProbeSettings:
 
     @classmethod
     def from_training_args(cls, args: Any) -> ProbeSettings:
-        """The settings a ``TrainingArguments`` / ``SFTConfig`` trains with."""
+        """The settings a `TrainingArguments` / `SFTConfig` trains with."""
         checkpointing = getattr(args, "activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(args, "gradient_checkpointing", False)
@@ -159,11 +159,11 @@ class ProbeSettings:
 
 
 class _LoraStandIn:
-    """A rank-1 LoRA stand-in on one module: adds ``(x . a) * b`` to its output, ``a`` fixed random, ``b`` a zero leaf.
+    """A rank-1 LoRA stand-in on one module: adds `(x . a) * b` to its output, `a` fixed random, `b` a zero leaf.
 
-    ``b.grad`` is then ``sum_t g_t (x_t . a)``, what ``lora_B`` of a LoRA adapter with ``lora_A = a`` gets: non-zero
-    exactly when the module's weight gradient ``sum_t g_t x_t^T`` is (for all but a measure-zero set of ``a``). The
-    same ``b`` serves every call of the module (shared modules, activation checkpointing's recomputation), as the
+    `b.grad` is then `sum_t g_t (x_t . a)`, what `lora_B` of a LoRA adapter with `lora_A = a` gets: non-zero
+    exactly when the module's weight gradient `sum_t g_t x_t^T` is (for all but a measure-zero set of `a`). The
+    same `b` serves every call of the module (shared modules, activation checkpointing's recomputation), as the
     adapter's parameters do. Modules that are neither linear-like nor embeddings get an output bias leaf instead
     (gradient at the output only).
     """
@@ -177,7 +177,7 @@ class _LoraStandIn:
         self.nonzero_input = False
 
     def _projection(self, x: Any) -> torch.Tensor | None:
-        """``x . a`` per position, or ``None`` when the module is not linear-like / an embedding."""
+        """`x . a` per position, or `None` when the module is not linear-like / an embedding."""
         if not torch.is_tensor(x):
             return None
         module = self.module
@@ -214,7 +214,7 @@ class _LoraStandIn:
         return self.b is not None and self.b.grad is not None and bool(torch.any(self.b.grad != 0))
 
     def move(self) -> None:
-        """Give ``b`` a small random value, as an adapter has after a few steps (``a`` stays)."""
+        """Give `b` a small random value, as an adapter has after a few steps (`a` stays)."""
         if self.b is None:
             return
         fan_in = self.a.numel() if self.a is not None else 1
@@ -228,22 +228,22 @@ def probe_reachability(
     module_names: Iterable[str],
     settings: ProbeSettings | None = None,
 ) -> ProbeResult:
-    """Run one training step's forward + backward of ``batch`` and report which of ``module_names`` it reaches.
+    """Run one training step's forward + backward of `batch` and report which of `module_names` it reaches.
 
-    The model runs as ``settings`` say (default: training mode, no checkpointing, no autocast; use
-    :meth:`ProbeSettings.from_training_args` to mirror a trainer). Afterwards every module's mode, the RNG state, all
-    buffers, the parameters' ``requires_grad`` flags and the checkpointing setup are as before; parameters keep their
-    values and gain no ``.grad``. (A model that changes its own weights in place during a training forward, as Gemma
+    The model runs as `settings` say (default: training mode, no checkpointing, no autocast; use
+    [`ProbeSettings.from_training_args`] to mirror a trainer). Afterwards every module's mode, the RNG state, all
+    buffers, the parameters' `requires_grad` flags and the checkpointing setup are as before; parameters keep their
+    values and gain no `.grad`. (A model that changes its own weights in place during a training forward, as Gemma
     3n clamps its AltUp prediction coefficients, does so here as it would on its first training step.)
 
     Args:
         model: The base model (not yet PEFT-wrapped).
-        batch: A collated batch with ``input_ids`` and ``labels`` (or from which a loss can be formed).
+        batch: A collated batch with `input_ids` and `labels` (or from which a loss can be formed).
         module_names: Paths of the modules to watch (usually the LoRA target candidates).
         settings: How to run the model.
 
     Returns:
-        The :class:`ProbeResult`.
+        The [`ProbeResult`].
     """
     settings = settings if settings is not None else ProbeSettings()
     names = list(dict.fromkeys(module_names))
@@ -315,7 +315,7 @@ def _step(
 
 @contextlib.contextmanager
 def _as_in_training(model: nn.Module, settings: ProbeSettings, device: torch.device) -> Iterator[None]:
-    """Put ``model`` in the state training runs it in; restore modes, RNG, buffers, flags and checkpointing after."""
+    """Put `model` in the state training runs it in; restore modes, RNG, buffers, flags and checkpointing after."""
     modes = {m: m.training for m in model.modules()}
     requires = {p: p.requires_grad for p in model.parameters()}
     buffers = {b: b.detach().clone() for b in model.buffers() if b.device.type != "meta"}
@@ -342,7 +342,7 @@ def _as_in_training(model: nn.Module, settings: ProbeSettings, device: torch.dev
 class _CheckpointingSwitch:
     """Turns a model's activation checkpointing on for the probe as the trainer will, and back off after.
 
-    transformers >= 5.2x names it ``activation_checkpointing_enable``; earlier 5.x ``gradient_checkpointing_enable``.
+    transformers >= 5.2x names it `activation_checkpointing_enable`; earlier 5.x `gradient_checkpointing_enable`.
     Enabling also hooks the input embeddings so their output requires grad; the hooks the probe adds are removed.
     """
 
@@ -427,7 +427,7 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 
 def choose_probe_rows(rows: Sequence[Mapping[str, Any]], k: int) -> list[dict[str, Any]]:
-    """Pick up to ``k`` rows that together cover every modality present in ``rows`` (text-only rows included)."""
+    """Pick up to `k` rows that together cover every modality present in `rows` (text-only rows included)."""
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}.")
     by_kind: dict[frozenset[str], list[Mapping[str, Any]]] = {}

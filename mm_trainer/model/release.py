@@ -1,9 +1,9 @@
 """Release the weights of towers the data never reaches (e.g. the vision tower of a VLM trained on text only).
 
 Only the *weights* go: every parameter and buffer of the tower is replaced by an empty (0-element) tensor of the same
-dtype on the same device. The module itself stays where it was, with its class, ``config``, ``.device`` and ``.dtype``
-(models read these on text-only forwards, e.g. Qwen2-Audio's ``self.audio_tower.device``), so ``_no_split_modules``
-and any ``transformer_layer_cls_to_wrap`` keep naming classes that exist, and sharding engines wrap the model as they
+dtype on the same device. The module itself stays where it was, with its class, `config`, `.device` and `.dtype`
+(models read these on text-only forwards, e.g. Qwen2-Audio's `self.audio_tower.device`), so `_no_split_modules`
+and any `transformer_layer_cls_to_wrap` keep naming classes that exist, and sharding engines wrap the model as they
 would the full one. Calling any module of a released tower raises an error that says how to fix it.
 """
 
@@ -33,7 +33,7 @@ class ReleaseRecord:
 
     Attributes:
         path: Module path of the tower root in the base model.
-        tower: Its tower name (``vision``, ``audio``).
+        tower: Its tower name (`vision`, `audio`).
         module_class: Class name of the tower root.
         params: Parameters released (their element count before the release).
         bytes: Bytes of parameters and buffers released.
@@ -61,7 +61,7 @@ class ReleaseRecord:
 
 
 def releasable_roots(plan: TargetPlan) -> list[tuple[str, str]]:
-    """Tower roots ``(path, tower)`` that are safe to release under ``plan``.
+    """Tower roots `(path, tower)` that are safe to release under `plan`.
 
     A root is releasable when it is a vision / audio tower, the data never reaches it, no kept adapter sits inside it,
     and (when the probe ran) none of its watched modules fired.
@@ -108,16 +108,16 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def release_towers(model: nn.Module, roots: list[tuple[str, str]]) -> list[ReleaseRecord]:
-    """Free the parameters and buffers of each tower root in ``roots``, keeping the modules in place.
+    """Free the parameters and buffers of each tower root in `roots`, keeping the modules in place.
 
-    Each parameter becomes a new frozen 0-element ``nn.Parameter`` (same dtype and device), each buffer a 0-element
+    Each parameter becomes a new frozen 0-element `nn.Parameter` (same dtype and device), each buffer a 0-element
     tensor; tensors tied to a module outside the tower are left as they are. Every module of the tower gets a forward
-    pre-hook that raises :class:`ReleasedTowerError` with the fix. Nothing in mm-trainer keeps a reference to the old
+    pre-hook that raises [`ReleasedTowerError`] with the fix. Nothing in mm-trainer keeps a reference to the old
     tensors, so their memory is returned once the caller drops its own references.
 
     Args:
         model: The base model (before PEFT wraps it, before any engine shards it).
-        roots: ``(path, tower)`` pairs, e.g. from :func:`releasable_roots`.
+        roots: `(path, tower)` pairs, e.g. from [`releasable_roots`].
 
     Returns:
         What was released.
@@ -163,7 +163,7 @@ class ReleaseBlocker:
 
     Attributes:
         reason: The reason, with the fix where there is one.
-        refuse: True when an explicit ``free_unreached_towers=True`` cannot work and must be refused at start-up.
+        refuse: True when an explicit `free_unreached_towers=True` cannot work and must be refused at start-up.
     """
 
     reason: str
@@ -171,11 +171,11 @@ class ReleaseBlocker:
 
 
 def release_blocker(engine: Engine, model: nn.Module) -> ReleaseBlocker | None:
-    """Why the towers of ``model`` must not be released under ``engine`` (``None``: release composes with it).
+    """Why the towers of `model` must not be released under `engine` (`None`: release composes with it).
 
     FSDP2 shards each released module's empty tensors like any others, DDP and ZeRO-1/2 ignore frozen empty
     parameters, and ZeRO-3 partitions them when the engine starts. FSDP1 flattens every wrapped module into one flat
-    parameter and is not supported; weights that ``zero.Init`` partitioned at load are already spread over the ranks.
+    parameter and is not supported; weights that `zero.Init` partitioned at load are already spread over the ranks.
     """
     if engine.fsdp_version == 1:
         return ReleaseBlocker(
@@ -195,7 +195,7 @@ def release_blocker(engine: Engine, model: nn.Module) -> ReleaseBlocker | None:
 
 def release_unloaded_towers(model: nn.Module, roots: list[tuple[str, str]]) -> list[ReleaseRecord]:
     """Release towers that were never loaded (their tensors left on the meta device at load, see
-    :mod:`mm_trainer.model.loading`), ending in exactly the state :func:`release_towers` leaves a loaded tower in.
+    [`mm_trainer.model.loading`]), ending in exactly the state [`release_towers`] leaves a loaded tower in.
 
     The records count the parameters and bytes the towers would have held (from the meta tensors' shapes and dtypes);
     every meta tensor of the towers then becomes a 0-element tensor of its dtype on the device the rest of the model

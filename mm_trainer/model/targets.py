@@ -1,4 +1,4 @@
-"""Target resolution: turn the user's ``LoraConfig`` into one that names exactly the modules the data reaches."""
+"""Target resolution: turn the user's `LoraConfig` into one that names exactly the modules the data reaches."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DEAD_TARGET_POLICIES: tuple[str, ...] = ("drop", "warn", "error")
 
 @dataclass
 class TargetDecision:
-    """What happened to one module the user's ``target_modules`` matched.
+    """What happened to one module the user's `target_modules` matched.
 
     Attributes:
         name: Module path in the base model.
@@ -32,7 +32,7 @@ class TargetDecision:
         kept: Whether the resolved config adapts it.
         reason: Why it was kept or dropped, in words.
         lora_params: Parameters a LoRA adapter on it costs at the config's rank.
-        dead: Whether the data does not reach it (kept anyway under ``dead_targets="warn"`` or forced towers).
+        dead: Whether the data does not reach it (kept anyway under `dead_targets="warn"` or forced towers).
     """
 
     name: str
@@ -48,16 +48,16 @@ class TargetPlan:
     """The resolved targets, with the per-tower account of what was kept, what was dropped and why.
 
     Attributes:
-        peft_config: A copy of the user's config whose ``target_modules`` is the exact set of kept module paths
-            (``None`` when the PEFT method takes no ``target_modules``; the user's config is then used unchanged).
+        peft_config: A copy of the user's config whose `target_modules` is the exact set of kept module paths
+            (`None` when the PEFT method takes no `target_modules`; the user's config is then used unchanged).
         decisions: One entry per module the user's config matched, in model order.
         selected_towers: Towers adapters may go on.
-        target_towers: The ``target_towers`` setting (``"auto"`` or the user's list).
+        target_towers: The `target_towers` setting (`"auto"` or the user's list).
         profile: The data's modality profile.
         tower_map: The model's tower map.
         probe: The reachability probe, when it ran.
         rank: LoRA rank used for the budget columns.
-        user_target_modules: The ``target_modules`` the user asked for, as given.
+        user_target_modules: The `target_modules` the user asked for, as given.
     """
 
     peft_config: Any
@@ -80,7 +80,7 @@ class TargetPlan:
         return [d.name for d in self.decisions if not d.kept]
 
     def dead_kept(self) -> list[str]:
-        """Paths kept although the data does not reach them (``dead_targets="warn"`` or forced towers)."""
+        """Paths kept although the data does not reach them (`dead_targets="warn"` or forced towers)."""
         return [d.name for d in self.decisions if d.kept and d.dead]
 
     def wasted_share(self) -> float:
@@ -121,7 +121,7 @@ class TargetPlan:
         return self.profile.reached_towers() | {"output"}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plan (used by ``mm-trainer plan --json`` and the audit)."""
+        """JSON-ready plan (used by `mm-trainer plan --json` and the audit)."""
         return {
             "target_towers": self.target_towers,
             "selected_towers": self.selected_towers,
@@ -148,7 +148,7 @@ def _jsonable_targets(targets: Any) -> Any:
 
 
 def validate_target_towers(target_towers: str | Sequence[str]) -> str | list[str]:
-    """Check a ``target_towers`` value: ``"auto"`` or a non-empty list of names from :data:`TOWERS`."""
+    """Check a `target_towers` value: `"auto"` or a non-empty list of names from [`TOWERS`]."""
     if isinstance(target_towers, str):
         if target_towers == "auto":
             return "auto"
@@ -166,7 +166,7 @@ def validate_target_towers(target_towers: str | Sequence[str]) -> str | list[str
 
 
 def _parameter_lora_params(model: nn.Module, key: str, rank: int) -> int:
-    """LoRA parameters PEFT adds on a targeted parameter: per expert (leading dims) ``rank x (in + out)``."""
+    """LoRA parameters PEFT adds on a targeted parameter: per expert (leading dims) `rank x (in + out)`."""
     param = model.get_parameter(key)
     if param.dim() < 2:
         return 0
@@ -190,7 +190,7 @@ def _reached_blocks(groups: dict[str, str], probe: ProbeResult | None) -> set[st
 
 
 def _user_named(targets: Any, leaf: str | None) -> bool:
-    """Whether the user's ``target_modules`` names ``leaf`` literally (e.g. asked for ``lm_head`` on purpose)."""
+    """Whether the user's `target_modules` names `leaf` literally (e.g. asked for `lm_head` on purpose)."""
     if leaf is None:
         return False
     if isinstance(targets, str):
@@ -219,24 +219,24 @@ def resolve_targets(
     probe: ProbeResult | None = None,
     tower_map: TowerMap | None = None,
 ) -> TargetPlan:
-    """Resolve a PEFT config's ``target_modules`` to the exact modules of the towers the data reaches.
+    """Resolve a PEFT config's `target_modules` to the exact modules of the towers the data reaches.
 
     Args:
         model: The base model (not PEFT-wrapped). Meta-device models work (no weights are read).
-        peft_config: The user's PEFT config (``LoraConfig`` and other configs with ``target_modules``).
-        profile: The data's :class:`~mm_trainer.model.modality.ModalityProfile`.
-        target_towers: ``"auto"`` (follow the data) or an explicit list of towers, which overrides the data.
-        dead_targets: What to do with matched modules the data does not reach under ``"auto"``: ``"drop"`` them
-            (and log), ``"warn"`` (keep them and warn) or ``"error"`` (raise, listing them).
+        peft_config: The user's PEFT config (`LoraConfig` and other configs with `target_modules`).
+        profile: The data's [`~mm_trainer.model.modality.ModalityProfile`].
+        target_towers: `"auto"` (follow the data) or an explicit list of towers, which overrides the data.
+        dead_targets: What to do with matched modules the data does not reach under `"auto"`: `"drop"` them
+            (and log), `"warn"` (keep them and warn) or `"error"` (raise, listing them).
         probe: A reachability probe of a real batch; without it, reachability follows the towers.
-        tower_map: A precomputed tower map of ``model``.
+        tower_map: A precomputed tower map of `model`.
 
     Returns:
-        The :class:`TargetPlan`, whose ``peft_config`` is a copy of ``peft_config`` with ``target_modules`` set to
+        The [`TargetPlan`], whose `peft_config` is a copy of `peft_config` with `target_modules` set to
         the kept module paths.
 
     Raises:
-        ValueError: Bad ``target_towers`` / ``dead_targets``, unreached targets under ``dead_targets="error"``, or
+        ValueError: Bad `target_towers` / `dead_targets`, unreached targets under `dead_targets="error"`, or
             a config that resolves to no module at all.
     """
     if dead_targets not in DEAD_TARGET_POLICIES:

@@ -1,18 +1,18 @@
 """Tower map: assign every module of a (multimodal) model to the tower it belongs to.
 
-A tower is one of :data:`TOWERS`. The map is built from structure, not from a per-family table:
+A tower is one of [`TOWERS`]. The map is built from structure, not from a per-family table:
 
-1. **Config identity.** A composite config lists its parts in ``config.sub_configs`` (``text_config``,
-   ``vision_config``, ``audio_config``, ...). The submodule built from one of those sub-configs carries it as its
-   ``.config``; that submodule is the root of the matching tower.
-2. **Forward signature.** A submodule whose ``forward`` takes pixel (``pixel_values``) or audio (``input_features``)
+1. **Config identity.** A composite config lists its parts in `config.sub_configs` (`text_config`,
+   `vision_config`, `audio_config`, ...). The submodule built from one of those sub-configs carries it as its
+   `.config`; that submodule is the root of the matching tower.
+2. **Forward signature.** A submodule whose `forward` takes pixel (`pixel_values`) or audio (`input_features`)
    inputs but no token ids is a vision or audio tower.
-3. **The model's own accessors.** ``get_decoder()`` gives the language tower, ``get_output_embeddings()`` the output
+3. **The model's own accessors.** `get_decoder()` gives the language tower, `get_output_embeddings()` the output
    head.
-4. **Names**, last: attribute names such as ``vision_tower``, ``visual``, ``audio_tower``, ``multi_modal_projector``.
+4. **Names**, last: attribute names such as `vision_tower`, `visual`, `audio_tower`, `multi_modal_projector`.
 
-Inside a vision or audio tower, a child named like a merger/projector (Qwen's ``visual.merger``) belongs to the
-``projector`` tower: it maps features into the language model's space.
+Inside a vision or audio tower, a child named like a merger/projector (Qwen's `visual.merger`) belongs to the
+`projector` tower: it maps features into the language model's space.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ _PROJECTOR_WORDS = (
     "adapter",
 )
 _BRIDGE_WORDS = ("embed", "proj")
-"""With a modality word (``embed_vision``, ``image_embed``, ``visual_projection``): a modality-to-text bridge."""
+"""With a modality word (`embed_vision`, `image_embed`, `visual_projection`): a modality-to-text bridge."""
 
 _GENERATOR_WORDS = ("talker", "2wav", "vocoder", "codec")
-"""Speech *output* generators of Omni models (talker, token2wav / code2wav): not input towers, mapped ``other``."""
+"""Speech *output* generators of Omni models (talker, token2wav / code2wav): not input towers, mapped `other`."""
 
 _VISION_INPUTS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "images", "image", "video")
 _AUDIO_INPUTS = ("input_features", "audio_values", "input_audio_features", "audio_features", "input_values")
@@ -70,7 +70,7 @@ class LinearInfo:
     quantized: bool = False
 
     def lora_params(self, rank: int) -> int:
-        """Parameters a rank-``rank`` LoRA adapter on this layer adds (A: r x in, B: out x r)."""
+        """Parameters a rank-`rank` LoRA adapter on this layer adds (A: r x in, B: out x r)."""
         return rank * (self.in_features + self.out_features)
 
 
@@ -79,10 +79,10 @@ class TowerMap:
     """Module path -> tower, for every module of one model.
 
     Attributes:
-        towers: Every module path (as in ``model.named_modules()``) mapped to its tower.
+        towers: Every module path (as in `model.named_modules()`) mapped to its tower.
         roots: The submodule paths that root a tower, with the evidence that decided it.
         linears: Every linear layer, by path.
-        output_name: Path of the output head (``lm_head``), if any.
+        output_name: Path of the output head (`lm_head`), if any.
         input_embedding_name: Path of the input token embedding, if any.
         composite: Whether the model has more than one tower (a VLM / audio LM) or is a plain LM.
         base_params: Parameters of the base model per tower, counted when the map was built (see
@@ -98,7 +98,7 @@ class TowerMap:
     base_params: dict[str, int] = field(default_factory=dict)
 
     def tower_of(self, name: str) -> str:
-        """Tower of a module path. Paths of a PEFT-wrapped model (``base_model.model.``) are accepted too."""
+        """Tower of a module path. Paths of a PEFT-wrapped model (`base_model.model.`) are accepted too."""
         name = strip_peft_prefix(name)
         if name in self.towers:
             return self.towers[name]
@@ -116,7 +116,7 @@ class TowerMap:
         return [n for n, info in self.linears.items() if tower is None or info.tower == tower]
 
     def present_towers(self) -> list[str]:
-        """Towers that hold at least one module, in :data:`TOWERS` order."""
+        """Towers that hold at least one module, in [`TOWERS`] order."""
         seen = set(self.towers.values())
         return [t for t in TOWERS if t in seen]
 
@@ -142,13 +142,13 @@ _OUTPUT_HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
 def tower_from_name(path: str) -> str:
     """Tower of a module path from its names alone, for when no model is at hand (e.g. a saved adapter's keys).
 
-    Uses the same word lists as :func:`map_towers`' last resort: the first path segment that names a vision or audio
-    tower decides (``visual``, ``vision_tower``, ``audio_tower``), and its child named like a merger/projector
-    (``visual.merger``) makes a ``projector``, as in the structural map. Otherwise a segment named like a projector
-    gives ``projector``, an output head name (``lm_head``) gives ``output``, and everything else is ``language``.
+    Uses the same word lists as [`map_towers`]' last resort: the first path segment that names a vision or audio
+    tower decides (`visual`, `vision_tower`, `audio_tower`), and its child named like a merger/projector
+    (`visual.merger`) makes a `projector`, as in the structural map. Otherwise a segment named like a projector
+    gives `projector`, an output head name (`lm_head`) gives `output`, and everything else is `language`.
 
     Args:
-        path: A module path, as in the base model or with PEFT's ``base_model.model.`` prefix.
+        path: A module path, as in the base model or with PEFT's `base_model.model.` prefix.
     """
     parts = strip_peft_prefix(path).split(".")
     for i, part in enumerate(parts):
@@ -177,7 +177,7 @@ def _has_word(name: str, words: Iterable[str]) -> bool:
 
 
 def _modality_of_config_key(key: str, sub_config: object) -> str | None:
-    """Tower named by a sub-config: from its key (``vision_config``) or, failing that, its class / model type."""
+    """Tower named by a sub-config: from its key (`vision_config`) or, failing that, its class / model type."""
     for text in (key, type(sub_config).__name__, str(getattr(sub_config, "model_type", ""))):
         if _has_word(text, _AUDIO_WORDS):
             return "audio"
@@ -189,7 +189,7 @@ def _modality_of_config_key(key: str, sub_config: object) -> str | None:
 
 
 def _sub_configs(config: object, depth: int = 0) -> Iterator[tuple[str, object]]:
-    """``(key, sub_config)`` for every sub-config of a composite config, recursively (Omni-style nesting)."""
+    """`(key, sub_config)` for every sub-config of a composite config, recursively (Omni-style nesting)."""
     if config is None or depth > 3:
         return
     keys = list(getattr(config, "sub_configs", {}) or {})
@@ -240,7 +240,7 @@ def _safe_call(fn_name: str, model: nn.Module) -> nn.Module | None:
 
 
 def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """Tower roots ``path -> (tower, evidence)``, found by config identity, signature, accessors and names."""
+    """Tower roots `path -> (tower, evidence)`, found by config identity, signature, accessors and names."""
     config = getattr(model, "config", None)
     sub_configs = list(_sub_configs(config))
     by_identity = {id(sub): (key, sub) for key, sub in sub_configs}
@@ -292,7 +292,7 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
 
     # 3b. Patch embeddings outside every tower: a linear layer named for pixels / patches / vision that reads raw
     #     patches (in_features equal to channels x patch x patch of a config with a patch size) is the vision tower
-    #     (Fuyu's ``vision_embed_tokens``).
+    #     (Fuyu's `vision_embed_tokens`).
     patch_widths = _patch_widths(config, sub_configs)
     # A width that is also a media tower's feature width says nothing (SigLIP: 3 x 16 x 16 = 768 = hidden_size).
     feature_widths = {
@@ -311,7 +311,7 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
         if linear_shape(module)[0] in patch_widths - feature_widths:
             roots[path] = ("vision", f"patch embedding: in_features {linear_shape(module)[0]} = channels x patch^2")
 
-    # 4. Names. Outside every root; and inside a language root that only an accessor found (``get_decoder()``
+    # 4. Names. Outside every root; and inside a language root that only an accessor found (`get_decoder()`
     #    returns the whole composite model on Phi-4-multimodal and GIT), for media / projector names only.
     containers = [p for p, (t, why) in roots.items() if t == "language" and why == "get_decoder()"]
     for path, module in model.named_modules():
@@ -326,9 +326,9 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
             continue
         media = "audio" if _has_word(leaf, _AUDIO_WORDS) else "vision" if _has_word(leaf, _VISION_WORDS) else None
         if _has_word(leaf, _PROJECTOR_WORDS) or (media and _has_word(leaf, _BRIDGE_WORDS)):
-            # A projector, or a modality-to-text bridge (``embed_vision``, ``image_embed``, ``visual_projection``):
+            # A projector, or a modality-to-text bridge (`embed_vision`, `image_embed`, `visual_projection`):
             # what maps a tower's features into the language model's space. A tower built inside it (Phi-4's
-            # ``image_embed.img_processor``) is a deeper root and keeps its own tower.
+            # `image_embed.img_processor`) is a deeper root and keeps its own tower.
             roots[path] = ("projector", "name")
         elif media is not None:
             roots[path] = (media, "name")
@@ -336,7 +336,7 @@ def _find_roots(model: nn.Module) -> dict[str, tuple[str, str]]:
             roots[path] = ("language", "name")
 
     # A language-configured block inside a projector is the projector's own (Kosmos-2's resampler cross-attention
-    # ``image_to_text_projection.x_attn`` is built from the text config but only ever reads image features).
+    # `image_to_text_projection.x_attn` is built from the text config but only ever reads image features).
     projectors = [p for p, (t, _) in roots.items() if t == "projector"]
     for path in [p for p, (t, _) in roots.items() if t == "language"]:
         if any(path.startswith(p + ".") for p in projectors):
@@ -349,7 +349,7 @@ def _covered_by_other_than(path: str, roots: dict[str, tuple[str, str]], contain
 
 
 def _patch_widths(config: object, sub_configs: list[tuple[str, object]]) -> set[int]:
-    """``channels x patch x patch`` of every config (top level or sub-config) that has a patch size."""
+    """`channels x patch x patch` of every config (top level or sub-config) that has a patch size."""
     widths: set[int] = set()
     for cfg in [config, *(sub for _, sub in sub_configs)]:
         patch = getattr(cfg, "patch_size", None)
@@ -366,16 +366,16 @@ def _patch_widths(config: object, sub_configs: list[tuple[str, object]]) -> set[
 
 
 def map_towers(model: nn.Module) -> TowerMap:
-    """Assign every module of ``model`` to a tower.
+    """Assign every module of `model` to a tower.
 
-    Works on real, meta-device and quantized models, and on ``PeftModel`` wrappers (paths are reported as in the
-    base model). A model with no vision/audio tower maps entirely to ``language`` except its output head.
+    Works on real, meta-device and quantized models, and on `PeftModel` wrappers (paths are reported as in the
+    base model). A model with no vision/audio tower maps entirely to `language` except its output head.
 
     Args:
-        model: A transformers ``PreTrainedModel`` (or any ``nn.Module`` built like one).
+        model: A transformers `PreTrainedModel` (or any `nn.Module` built like one).
 
     Returns:
-        The :class:`TowerMap`.
+        The [`TowerMap`].
     """
     model = _unwrap_peft(model)
     output_path = _path_of(model, _safe_call("get_output_embeddings", model))
@@ -442,7 +442,7 @@ def map_towers(model: nn.Module) -> TowerMap:
 
 def _nested_output_head(model: nn.Module, roots: dict[str, tuple[str, str]]) -> str | None:
     """Output head of the sub-model that holds the language tower, when the top model exposes none (the Omni
-    "thinker" has its own ``lm_head``; the composite's ``get_output_embeddings()`` returns nothing)."""
+    "thinker" has its own `lm_head`; the composite's `get_output_embeddings()` returns nothing)."""
     for root in sorted((p for p, (t, _) in roots.items() if t == "language"), key=len):
         parts = root.split(".")
         while parts:
@@ -475,7 +475,7 @@ def _tower_for(
     if not composite:
         return "language"
     # The smallest module that holds this one and some tower root: when every root in it is a language root, this
-    # is a block of the text model that the roots do not cover (DiffusionGemma's ``decoder.self_conditioning``).
+    # is a block of the text model that the roots do not cover (DiffusionGemma's `decoder.self_conditioning`).
     holder = path
     while holder:
         holder = holder.rsplit(".", 1)[0] if "." in holder else ""

@@ -2,10 +2,10 @@
 
 No video processor can be built beside the CPU torch wheel (torchvision is absent), and decoding clips for a probe
 is costly anyway. The probe only needs a batch that runs the vision tower the way a video does, so this builds one
-directly from the model config, for models that take Qwen-style video input: ``pixel_values_videos`` (one row of
-``channels x temporal_patch x patch x patch`` values per patch, seeded random), ``video_grid_thw`` and, per video
-row, the video placeholder tokens (one per merged patch) in front of the row's text tokens, marked ``2`` in
-``mm_token_type_ids`` where the model wants that mask.
+directly from the model config, for models that take Qwen-style video input: `pixel_values_videos` (one row of
+`channels x temporal_patch x patch x patch` values per patch, seeded random), `video_grid_thw` and, per video
+row, the video placeholder tokens (one per merged patch) in front of the row's text tokens, marked `2` in
+`mm_token_type_ids` where the model wants that mask.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ GRID = (1, 2, 2)
 
 
 def video_inputs(config: Any) -> tuple[int, int, dict[str, Any]] | None:
-    """``(video_token_id, tokens_per_clip, features)`` for one probe clip of a model, or ``None`` when the config
+    """`(video_token_id, tokens_per_clip, features)` for one probe clip of a model, or `None` when the config
     does not describe Qwen-style video input (a video placeholder id and a vision config with patch sizes)."""
     token_id = getattr(config, "video_token_id", None)
     if token_id is None:
@@ -42,7 +42,7 @@ def video_inputs(config: Any) -> tuple[int, int, dict[str, Any]] | None:
 
 
 def add_video(batch: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], config: Any) -> dict[str, Any]:
-    """``batch`` (a text batch of ``rows``) with one probe clip for each row that holds a video.
+    """`batch` (a text batch of `rows`) with one probe clip for each row that holds a video.
 
     Raises:
         NotImplementedError: The model config does not describe Qwen-style video input.

@@ -1,10 +1,10 @@
 """4-bit training of multimodal models: QLoRA with full-precision towers, LoftQ on the targeted modules, EVA.
 
-Modules: :mod:`.checks` (before and right after loading), :mod:`.layers` (nf4 layers, in-place quantization),
-:mod:`.preparation` (the run's 4-bit base), :mod:`.report` (start-up report, audit section), :mod:`.persistence`
-(``quantization.json``, :func:`load_quantized_base`), :mod:`.loftq`, :mod:`.eva`.
+Modules: [`.checks`] (before and right after loading), [`.layers`] (nf4 layers, in-place quantization),
+[`.preparation`] (the run's 4-bit base), [`.report`] (start-up report, audit section), [`.persistence`]
+(`quantization.json`, [`load_quantized_base`]), [`.loftq`], [`.eva`].
 
-``MMSFTConfig(quantization="qlora" | "loftq")`` switches it on; :func:`load_quantized_base` rebuilds the base a saved
+`MMSFTConfig(quantization="qlora" | "loftq")` switches it on; [`load_quantized_base`] rebuilds the base a saved
 adapter was trained on.
 """
 

@@ -29,9 +29,9 @@ def check_peft_config(quantization: str | None, peft_config: Any, model: Any) ->
     """Refuse quantization / initialisation combinations that cannot work, before any weight is loaded.
 
     Raises:
-        ValueError: With the fix, for: 4-bit without a ``peft_config``; an already wrapped ``PeftModel``; PiSSA on a
+        ValueError: With the fix, for: 4-bit without a `peft_config`; an already wrapped `PeftModel`; PiSSA on a
             4-bit base (PEFT initialises PiSSA from full-precision weights only); LoftQ with another initialisation
-            (PEFT's ``"loftq"`` included) or DoRA; PEFT's own LoftQ (``init_lora_weights="loftq"``) without ``quantization="loftq"``.
+            (PEFT's `"loftq"` included) or DoRA; PEFT's own LoftQ (`init_lora_weights="loftq"`) without `quantization="loftq"`.
     """
     init = init_name(peft_config) if peft_config is not None else "default"
     if quantization is None:
@@ -84,14 +84,14 @@ def check_peft_config(quantization: str | None, peft_config: Any, model: Any) ->
 
 
 def check_loaded_model(model: nn.Module, quantization: str | None) -> str | None:
-    """Check a loaded (or passed) model against ``quantization``; returns its :func:`quantization_method`.
+    """Check a loaded (or passed) model against `quantization`; returns its [`quantization_method`].
 
-    Any bitsandbytes 4-bit layers are kept on their training path on CPU (:func:`keep_4bit_layers_trainable`), also
-    when ``quantization`` is unset.
+    Any bitsandbytes 4-bit layers are kept on their training path on CPU ([`keep_4bit_layers_trainable`]), also
+    when `quantization` is unset.
 
     Raises:
-        ValueError: ``quantization`` is set and the model is quantized another way (8-bit, GPTQ, AWQ, torchao, ...),
-            or ``quantization="loftq"`` and the model is already 4-bit (LoftQ needs the full-precision weights).
+        ValueError: `quantization` is set and the model is quantized another way (8-bit, GPTQ, AWQ, torchao, ...),
+            or `quantization="loftq"` and the model is already 4-bit (LoftQ needs the full-precision weights).
     """
     method = quantization_method(model)
     if method == "bnb-4bit":
@@ -113,9 +113,9 @@ def check_loaded_model(model: nn.Module, quantization: str | None) -> str | None
 
 
 def quantization_method(model: nn.Module) -> str | None:
-    """``None`` for a full-precision model, ``"bnb-4bit"``, ``"bnb-8bit"``, or the name of another method.
+    """`None` for a full-precision model, `"bnb-4bit"`, `"bnb-8bit"`, or the name of another method.
 
-    Reads ``config.quantization_config`` / ``hf_quantizer`` first, then the layer classes and parameter dtypes (for a
+    Reads `config.quantization_config` / `hf_quantizer` first, then the layer classes and parameter dtypes (for a
     model quantized by hand).
     """
     qconfig = getattr(getattr(model, "config", None), "quantization_config", None)

@@ -1,6 +1,6 @@
 """EVA initialisation (Paischer et al., 2024) through PEFT, on the adapters every training batch reaches.
 
-PEFT's ``initialize_lora_eva_weights`` hooks the input of *every* LoRA layer and needs each to fire on every batch
+PEFT's `initialize_lora_eva_weights` hooks the input of *every* LoRA layer and needs each to fire on every batch
 it sees: on its first batch it hashes each layer's input (a layer that did not run fails there), then it cycles the
 data until each layer's components converge (a layer that never runs again never converges). On a VLM that is
 broken twice over: vision / audio adapters do not run on text-only batches of mixed data, and some language layers
@@ -11,8 +11,8 @@ here EVA additionally runs only on adapters every batch reaches:
   every sampled row of the data holds that modality;
 * of those, the ones that actually ran on the first EVA batch (agreed across ranks).
 
-The other adapters keep PEFT's standard initialisation (``A`` Kaiming-uniform, ``B`` zero). EVA reads activations
-from a fixed list of training batches (at most :data:`EVA_MAX_BATCHES`), with the adapters disabled, and the global
+The other adapters keep PEFT's standard initialisation (`A` Kaiming-uniform, `B` zero). EVA reads activations
+from a fixed list of training batches (at most [`EVA_MAX_BATCHES`]), with the adapters disabled, and the global
 RNG state is restored afterwards so the training data order does not change.
 """
 
@@ -43,7 +43,7 @@ _VIEW_PREFIX = "model."
 
 
 def eva_requested(peft_config: Any) -> bool:
-    """Whether the config asks for EVA (``init_lora_weights="eva"``)."""
+    """Whether the config asks for EVA (`init_lora_weights="eva"`)."""
     return getattr(peft_config, "init_lora_weights", None) == "eva"
 
 
@@ -52,7 +52,7 @@ class EvaReport:
     """What EVA initialised.
 
     Attributes:
-        modules: Adapters (base-model paths) whose ``A`` EVA set, with their final rank.
+        modules: Adapters (base-model paths) whose `A` EVA set, with their final rank.
         standard_init: Adapters that kept PEFT's standard initialisation, with the reason.
         batches: Training batches EVA cycled over.
     """
@@ -62,7 +62,7 @@ class EvaReport:
     batches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (the audit's ``eva`` section)."""
+        """JSON-ready (the audit's `eva` section)."""
         return {
             "modules": len(self.modules),
             "ranks": self.modules,
@@ -86,7 +86,7 @@ def towers_in_every_batch(profile: Any) -> set[str]:
 
 
 class _BaseModelView(nn.Module):
-    """The PEFT-wrapped transformers model seen without ``peft_config``: PEFT's EVA then hooks exactly the modules
+    """The PEFT-wrapped transformers model seen without `peft_config`: PEFT's EVA then hooks exactly the modules
     named in the config it is given instead of every LoRA layer."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -105,7 +105,7 @@ def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fired_on(model: nn.Module, batch: dict[str, Any], names: list[str]) -> set[str]:
-    """Which of ``names`` (paths inside ``model``) run on ``batch``."""
+    """Which of `names` (paths inside `model`) run on `batch`."""
     fired: set[str] = set()
     handles = [model.get_submodule(n).register_forward_hook(lambda *_, n=n: fired.add(n)) for n in names]
     try:
@@ -118,7 +118,7 @@ def _fired_on(model: nn.Module, batch: dict[str, Any], names: list[str]) -> set[
 
 
 def _agree_across_ranks(names: list[str], local: set[str], engine: Engine | None) -> set[str]:
-    """The names in ``local`` on every rank (EVA gathers layer inputs across ranks: all must hook the same layers)."""
+    """The names in `local` on every rank (EVA gathers layer inputs across ranks: all must hook the same layers)."""
     if engine is None or not engine.distributed:
         return set(local)
     flags = engine.sum(torch.tensor([n in local for n in names], dtype=torch.int32, device=engine.device))
@@ -126,7 +126,7 @@ def _agree_across_ranks(names: list[str], local: set[str], engine: Engine | None
 
 
 def _batches(dataloader: Any, limit: int) -> list[dict[str, Any]]:
-    """Up to ``limit`` batches, leaving the global RNG as it was (the Trainer's sampler draws its seed from it)."""
+    """Up to `limit` batches, leaving the global RNG as it was (the Trainer's sampler draws its seed from it)."""
     cpu_state = torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -147,14 +147,14 @@ def initialize_eva(
     max_batches: int = EVA_MAX_BATCHES,
     engine: Engine | None = None,
 ) -> EvaReport | None:
-    """EVA-initialise the adapters of ``peft_model`` that every batch of ``dataloader`` reaches.
+    """EVA-initialise the adapters of `peft_model` that every batch of `dataloader` reaches.
 
     Args:
-        peft_model: The PEFT model, created with ``init_lora_weights="eva"`` (``B`` is zero, nothing trained yet).
-        dataloader: Training batches, or a callable returning them (``trainer.get_train_dataloader``), called only
+        peft_model: The PEFT model, created with `init_lora_weights="eva"` (`B` is zero, nothing trained yet).
+        dataloader: Training batches, or a callable returning them (`trainer.get_train_dataloader`), called only
             when the config asks for EVA.
         tower_map: The base model's tower map.
-        profile: The data's :class:`~mm_trainer.model.modality.ModalityProfile`.
+        profile: The data's [`~mm_trainer.model.modality.ModalityProfile`].
         show_progress_bar: PEFT's convergence progress bar.
         adapter_name: The PEFT adapter.
         max_batches: Batches EVA cycles over.
@@ -162,7 +162,7 @@ def initialize_eva(
             batch runs.
 
     Returns:
-        The :class:`EvaReport`, or ``None`` when the config does not ask for EVA.
+        The [`EvaReport`], or `None` when the config does not ask for EVA.
     """
     from peft.tuners.lora.eva import (
         get_eva_state_dict,

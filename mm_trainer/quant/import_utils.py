@@ -11,10 +11,10 @@ import torch
 from packaging.version import Version
 
 BITSANDBYTES_MIN_VERSION = "0.48"
-"""Oldest bitsandbytes with the device-agnostic (``torch.library``) 4-bit ops mm-trainer relies on."""
+"""Oldest bitsandbytes with the device-agnostic (`torch.library`) 4-bit ops mm-trainer relies on."""
 
 BITSANDBYTES_CPU_TESTED = "0.50.2"
-"""bitsandbytes release whose CPU wheel we measured running nf4 ``Linear4bit`` forward and backward."""
+"""bitsandbytes release whose CPU wheel we measured running nf4 `Linear4bit` forward and backward."""
 
 INSTALL_HINT = (
     f'pip install "bitsandbytes>={BITSANDBYTES_MIN_VERSION}" (on CPU: bitsandbytes>={BITSANDBYTES_MIN_VERSION}, tested '
@@ -32,7 +32,7 @@ def _import_bitsandbytes() -> ModuleType:
 
 @lru_cache(maxsize=8)
 def _check_device(device_type: str) -> None:
-    """Quantize and dequantize one nf4 block on ``device_type``: the cheapest proof that the backend works there."""
+    """Quantize and dequantize one nf4 block on `device_type`: the cheapest proof that the backend works there."""
     import bitsandbytes.functional as bnb_functional
 
     probe = torch.linspace(-1.0, 1.0, 128, device=device_type).reshape(2, 64)
@@ -44,18 +44,18 @@ def _check_device(device_type: str) -> None:
 
 
 def require_bitsandbytes(device: torch.device | str | None = None) -> ModuleType:
-    """Import bitsandbytes and check it can quantize to nf4 on ``device``.
+    """Import bitsandbytes and check it can quantize to nf4 on `device`.
 
     Args:
-        device: Where the 4-bit layers will live (``"cpu"``, ``"cuda"``, ...). ``None`` checks the import and version
+        device: Where the 4-bit layers will live (`"cpu"`, `"cuda"`, ...). `None` checks the import and version
             only.
 
     Returns:
-        The ``bitsandbytes`` module.
+        The `bitsandbytes` module.
 
     Raises:
-        BitsAndBytesUnavailableError: bitsandbytes is not installed, older than :data:`BITSANDBYTES_MIN_VERSION`, or
-            fails a one-block nf4 round trip on ``device``; the message names the fix.
+        BitsAndBytesUnavailableError: bitsandbytes is not installed, older than [`BITSANDBYTES_MIN_VERSION`], or
+            fails a one-block nf4 round trip on `device`; the message names the fix.
     """
     why = "`quantization` needs bitsandbytes for nf4 4-bit layers"
     try:
@@ -81,7 +81,7 @@ def require_bitsandbytes(device: torch.device | str | None = None) -> ModuleType
 
 
 def bitsandbytes_available(device: torch.device | str | None = None) -> bool:
-    """Whether :func:`require_bitsandbytes` would succeed for ``device``."""
+    """Whether [`require_bitsandbytes`] would succeed for `device`."""
     try:
         require_bitsandbytes(device)
     except BitsAndBytesUnavailableError:

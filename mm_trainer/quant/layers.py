@@ -1,10 +1,10 @@
-"""nf4 4-bit layers: the quantization settings, bitsandbytes ``Linear4bit`` layers built from them, in-place
-replacement of ``nn.Linear`` layers, the bitsandbytes CPU behaviour training relies on, and their memory.
+"""nf4 4-bit layers: the quantization settings, bitsandbytes `Linear4bit` layers built from them, in-place
+replacement of `nn.Linear` layers, the bitsandbytes CPU behaviour training relies on, and their memory.
 
 In-place quantization (an unquantized model instance, and always for LoftQ, which needs the full-precision weights)
-replaces every ``nn.Linear`` outside the skipped towers by a bitsandbytes ``Linear4bit`` holding the nf4 quantization
-of its weight, with the block size, double quantization and compute dtype a ``BitsAndBytesConfig`` load uses
-(``tests/test_quant.py`` checks the packed data against bitsandbytes' own quantization of the same weight).
+replaces every `nn.Linear` outside the skipped towers by a bitsandbytes `Linear4bit` holding the nf4 quantization
+of its weight, with the block size, double quantization and compute dtype a `BitsAndBytesConfig` load uses
+(`tests/test_quant.py` checks the packed data against bitsandbytes' own quantization of the same weight).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .import_utils import require_bitsandbytes
 logger = logging.getLogger(__name__)
 
 NF4_BLOCKSIZE = 64
-"""bitsandbytes' block size for 4-bit weights (what ``from_pretrained`` uses; BitsAndBytesConfig has no knob)."""
+"""bitsandbytes' block size for 4-bit weights (what `from_pretrained` uses; BitsAndBytesConfig has no knob)."""
 
 DEFAULT_SKIP_TOWERS: tuple[str, ...] = ("vision", "audio", "projector", "output")
 
@@ -33,7 +33,7 @@ _DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.
 
 
 def resolve_compute_dtype(setting: str, bf16: bool = False, fp16: bool = False) -> torch.dtype:
-    """The compute dtype of the 4-bit layers: ``"auto"`` follows mixed precision (bf16 / fp16), else float32."""
+    """The compute dtype of the 4-bit layers: `"auto"` follows mixed precision (bf16 / fp16), else float32."""
     if setting == "auto":
         return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     if setting not in _DTYPES:
@@ -42,17 +42,17 @@ def resolve_compute_dtype(setting: str, bf16: bool = False, fp16: bool = False) 
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    """`torch.bfloat16` -> `"bfloat16"`."""
     return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
 class Nf4Spec:
-    """How a weight is quantized to 4 bits: the bitsandbytes settings of one ``Linear4bit``.
+    """How a weight is quantized to 4 bits: the bitsandbytes settings of one `Linear4bit`.
 
     Attributes:
         compute_dtype: Dtype the layer computes in (inputs are cast to it, the weight dequantized to it).
-        quant_type: ``"nf4"`` (``"fp4"`` only when describing a user's model).
+        quant_type: `"nf4"` (`"fp4"` only when describing a user's model).
         double_quant: Whether the per-block absmax is quantized again (QLoRA's double quantization).
         blocksize: Elements per quantization block.
     """
@@ -63,7 +63,7 @@ class Nf4Spec:
     blocksize: int = NF4_BLOCKSIZE
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """``(packed uint8 data, QuantState)`` of ``weight`` (out x in), on ``weight``'s device and in its dtype."""
+        """`(packed uint8 data, QuantState)` of `weight` (out x in), on `weight`'s device and in its dtype."""
         import bitsandbytes.functional as bnb_functional
 
         return bnb_functional.quantize_4bit(
@@ -82,7 +82,7 @@ class Nf4Spec:
         return bnb_functional.dequantize_4bit(packed, quant_state)
 
     def bnb_config(self, skip_modules: list[str]) -> Any:
-        """The matching :class:`~transformers.BitsAndBytesConfig` for ``from_pretrained``."""
+        """The matching [`~transformers.BitsAndBytesConfig`] for `from_pretrained`."""
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(
@@ -105,7 +105,7 @@ class Nf4Spec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Nf4Spec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of [`to_dict`]."""
         return cls(
             compute_dtype=_DTYPES[data["compute_dtype"]],
             quant_type=data["quant_type"],
@@ -118,18 +118,18 @@ class Nf4Spec:
 # Which modules stay in full precision
 # ---------------------------------------------------------------------------------------------------------------------
 def quantizable_linears(tower_map: TowerMap, modules: dict[str, nn.Module], skip_towers: Iterable[str]) -> list[str]:
-    """Paths of the plain ``nn.Linear`` layers outside ``skip_towers``: what a 4-bit load turns into ``Linear4bit``.
+    """Paths of the plain `nn.Linear` layers outside `skip_towers`: what a 4-bit load turns into `Linear4bit`.
 
-    Layers of released towers (no longer in ``modules``) are left out."""
+    Layers of released towers (no longer in `modules`) are left out."""
     skip = set(skip_towers)
     return [n for n, info in tower_map.linears.items() if info.tower not in skip and type(modules.get(n)) is nn.Linear]
 
 
 def skip_modules(tower_map: TowerMap, skip_towers: Iterable[str]) -> list[str]:
-    """The fewest module paths whose subtrees hold every linear of ``skip_towers`` and no other linear.
+    """The fewest module paths whose subtrees hold every linear of `skip_towers` and no other linear.
 
-    E.g. ``["model.visual", "lm_head"]`` for Qwen2.5-VL with the default towers, ``["model.visual.merger"]`` when only
-    the projector is skipped. Used as ``llm_int8_skip_modules`` (transformers matches them as path prefixes).
+    E.g. `["model.visual", "lm_head"]` for Qwen2.5-VL with the default towers, `["model.visual.merger"]` when only
+    the projector is skipped. Used as `llm_int8_skip_modules` (transformers matches them as path prefixes).
     """
     skip = set(skip_towers)
     skipped = [n for n, info in tower_map.linears.items() if info.tower in skip]
@@ -149,7 +149,7 @@ def skip_modules(tower_map: TowerMap, skip_towers: Iterable[str]) -> list[str]:
 def checkpoint_skip_modules(
     model_id: str, skip_towers: Iterable[str], revision: str | None = None, trust_remote_code: bool = False
 ) -> list[str]:
-    """:func:`skip_modules` of a checkpoint, from its config alone (the model built on the meta device)."""
+    """[`skip_modules`] of a checkpoint, from its config alone (the model built on the meta device)."""
     from transformers import AutoConfig
 
     from ..model.model_class import meta_model
@@ -160,7 +160,7 @@ def checkpoint_skip_modules(
 
 
 def spec_of_model(model: nn.Module) -> Nf4Spec:
-    """The :class:`Nf4Spec` of a bitsandbytes 4-bit model (from its first ``Linear4bit`` that still holds its 4-bit
+    """The [`Nf4Spec`] of a bitsandbytes 4-bit model (from its first `Linear4bit` that still holds its 4-bit
     weight: a released tower's layers hold empty plain tensors)."""
     for module in model.modules():
         if is_4bit_linear(module) and hasattr(module.weight, "quant_type"):
@@ -179,7 +179,7 @@ def spec_of_model(model: nn.Module) -> Nf4Spec:
 # In-place quantization
 # ---------------------------------------------------------------------------------------------------------------------
 def linear4bit_from_quantized(linear: nn.Linear, packed: torch.Tensor, quant_state: Any, spec: Nf4Spec) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` computing with exactly ``(packed, quant_state)`` and ``linear``'s bias."""
+    """A bitsandbytes `Linear4bit` computing with exactly `(packed, quant_state)` and `linear`'s bias."""
     bnb = require_bitsandbytes()
     layer = bnb.nn.Linear4bit(
         linear.in_features,
@@ -211,7 +211,7 @@ def linear4bit_from_quantized(linear: nn.Linear, packed: torch.Tensor, quant_sta
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at path ``name``."""
+    """Put `new` at path `name`."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
@@ -225,7 +225,7 @@ def _weight_to_quantize(linear: nn.Linear, device: torch.device | None) -> torch
 
 
 def quantize_linear(linear: nn.Linear, spec: Nf4Spec, device: torch.device | None = None) -> nn.Module:
-    """The ``Linear4bit`` replacing ``linear``: plain nf4 of its weight (QLoRA), on ``device`` (default: its own)."""
+    """The `Linear4bit` replacing `linear`: plain nf4 of its weight (QLoRA), on `device` (default: its own)."""
     packed, state = spec.quantize(_weight_to_quantize(linear, device))
     return linear4bit_from_quantized(linear, packed, state, spec)
 
@@ -237,15 +237,15 @@ def quantize_in_place(
     device: torch.device | None = None,
     quantize: Callable[[str, torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
 ) -> list[str]:
-    """Replace each ``nn.Linear`` at ``names`` by a ``Linear4bit``; returns the paths replaced.
+    """Replace each `nn.Linear` at `names` by a `Linear4bit`; returns the paths replaced.
 
     Args:
         model: The model, modified in place.
-        names: Paths of ``nn.Linear`` layers.
+        names: Paths of `nn.Linear` layers.
         spec: Quantization settings.
         device: Where the 4-bit layers go (default: where each weight is).
-        quantize: ``(name, weight) -> (packed, quant_state)`` for layers whose 4-bit data is not plain ``nf4(W)``
-            (LoftQ's ``nf4(W - s B A)``); return ``None`` to quantize a layer plainly. ``None``: all plainly.
+        quantize: `(name, weight) -> (packed, quant_state)` for layers whose 4-bit data is not plain `nf4(W)`
+            (LoftQ's `nf4(W - s B A)`); return `None` to quantize a layer plainly. `None`: all plainly.
     """
     replaced = []
     for name in names:
@@ -261,14 +261,14 @@ def quantize_in_place(
 
 
 def mark_loaded_in_4bit(model: nn.Module) -> None:
-    """Set ``model.is_loaded_in_4bit``: the one attribute a bitsandbytes load sets that in-place quantization needs.
+    """Set `model.is_loaded_in_4bit`: the one attribute a bitsandbytes load sets that in-place quantization needs.
 
-    No quantizer state is made up (``hf_quantizer``, ``is_quantized``, ``quantization_method``,
-    ``config.quantization_config`` stay unset: transformers did not quantize this model). ``is_loaded_in_4bit`` is
-    read by PEFT, which wraps a ``Linear4bit`` with its 4-bit LoRA layer (``peft.tuners.lora.bnb.Linear4bit``: merge
-    and unmerge through dequantization) only when the model says so, and otherwise with its plain ``lora.Linear``,
+    No quantizer state is made up (`hf_quantizer`, `is_quantized`, `quantization_method`,
+    `config.quantization_config` stay unset: transformers did not quantize this model). `is_loaded_in_4bit` is
+    read by PEFT, which wraps a `Linear4bit` with its 4-bit LoRA layer (`peft.tuners.lora.bnb.Linear4bit`: merge
+    and unmerge through dequantization) only when the model says so, and otherwise with its plain `lora.Linear`,
     whose merge would add the adapter to packed 4-bit data; and by TRL and the Trainer (adapter dtype, no
-    ``DataParallel``). ``tests/test_quant.py::test_in_place_4bit_model_state_is_pinned`` pins both.
+    `DataParallel`). `tests/test_quant.py::test_in_place_4bit_model_state_is_pinned` pins both.
     """
     model.is_loaded_in_4bit = True
 
@@ -277,15 +277,15 @@ def mark_loaded_in_4bit(model: nn.Module) -> None:
 # bitsandbytes on CPU, and memory
 # ---------------------------------------------------------------------------------------------------------------------
 def keep_4bit_layers_trainable(model: nn.Module) -> int:
-    """Keep every ``Linear4bit`` on bitsandbytes' training path on CPUs with AVX512-BF16; returns the layer count.
+    """Keep every `Linear4bit` on bitsandbytes' training path on CPUs with AVX512-BF16; returns the layer count.
 
-    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place for a bf16 CPU inference kernel the first time the
-    layer runs in eval mode without gradients (a probe, an evaluation, a ``generate``). From then on it uses that
-    kernel also in training mode: outputs in bf16 precision and, with a bias, ``RuntimeError: a view of a leaf
-    Variable that requires grad is being used in an in-place operation``. We switch the repacking off (dequantize +
+    bitsandbytes 0.50 repacks a `Linear4bit`'s weight in place for a bf16 CPU inference kernel the first time the
+    layer runs in eval mode without gradients (a probe, an evaluation, a `generate`). From then on it uses that
+    kernel also in training mode: outputs in bf16 precision and, with a bias, `RuntimeError: a view of a leaf
+    Variable that requires grad is being used in an in-place operation`. We switch the repacking off (dequantize +
     matmul in the compute dtype, as on GPU) and undo it where it already happened. The undo (bitsandbytes' inverse)
     restores the nf4 codes exactly but the block scales through bfloat16: under double quantization the weight moves
-    by at most bf16's rounding, 2**-8 relative (``tests/test_quant.py`` pins it).
+    by at most bf16's rounding, 2**-8 relative (`tests/test_quant.py` pins it).
     """
     count = 0
     for module in model.modules():

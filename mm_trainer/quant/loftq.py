@@ -1,8 +1,8 @@
 """LoftQ (Li et al., 2023) for the targeted modules of a multimodal model, on any device bitsandbytes runs on.
 
-For a weight ``W`` (out x in), LoRA rank ``r`` and scaling ``s`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
-with rsLoRA), LoftQ looks for a 4-bit ``Q`` and factors ``B`` (out x r), ``A`` (r x in) with ``W ~ Q + s * B @ A``
-by alternating, ``loftq_iter`` times::
+For a weight `W` (out x in), LoRA rank `r` and scaling `s` (`lora_alpha / r`, or `lora_alpha / sqrt(r)`
+with rsLoRA), LoftQ looks for a 4-bit `Q` and factors `B` (out x r), `A` (r x in) with `W ~ Q + s * B @ A`
+by alternating, `loftq_iter` times::
 
     Q_t        = nf4(W - s * B_{t-1} @ A_{t-1})          (B_0 A_0 = 0, so Q_1 is plain QLoRA's nf4(W))
     B_t, A_t   = best rank-r factors of (W - Q_t) / s    (truncated SVD, singular values split evenly)
@@ -10,14 +10,14 @@ by alternating, ``loftq_iter`` times::
 (the truncated SVD is computed from the eigendecomposition of the smaller Gram matrix in float64: exact, and 3-5x
 faster on CPU than a full SVD when only r components are kept)
 
-The base layer then holds exactly ``Q_T`` (the packed nf4 data bitsandbytes produced, not a re-quantization of a
-dequantized copy) and the adapter starts at ``(A_T, B_T)``, rounded to the adapter's dtype before the error is
+The base layer then holds exactly `Q_T` (the packed nf4 data bitsandbytes produced, not a re-quantization of a
+dequantized copy) and the adapter starts at `(A_T, B_T)`, rounded to the adapter's dtype before the error is
 measured. The quantizer is the base layer's own (nf4, block size 64, double quantization, the model's dtype), so
 the error LoftQ minimises is the error training sees. Unlike PEFT's implementation it needs no CUDA, reads the
 weights from the model in memory (no checkpoint key prefixes) and honours the LoRA scaling.
 
-``Q_T`` is a function of ``W`` and the previous factors ``(A_{T-1}, B_{T-1})`` only: after one iteration it is
-plain ``nf4(W)``; after more, those "offset" factors are saved with the adapter so the same base can be rebuilt.
+`Q_T` is a function of `W` and the previous factors `(A_{T-1}, B_{T-1})` only: after one iteration it is
+plain `nf4(W)`; after more, those "offset" factors are saved with the adapter so the same base can be rebuilt.
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ class LoftQResult:
 
     Attributes:
         name: Module path in the base model.
-        rank: LoRA rank ``r``.
-        scaling: LoRA scaling ``s``.
-        packed: The nf4 data of ``Q`` (what the base ``Linear4bit`` holds).
-        quant_state: Its bitsandbytes ``QuantState``.
-        lora_A: Initial ``A`` (r x in), in the adapter dtype.
-        lora_B: Initial ``B`` (out x r), in the adapter dtype.
-        offset_A: ``A_{T-1}`` that ``Q`` was quantized against (``None`` after one iteration: ``Q = nf4(W)``).
-        offset_B: ``B_{T-1}`` likewise.
-        qlora_error: ``||W - nf4(W)||_F``, plain QLoRA's error (the adapter starts at zero there).
-        loftq_error: ``||W - Q - s * B @ A||_F`` with the returned ``Q``, ``A``, ``B``.
+        rank: LoRA rank `r`.
+        scaling: LoRA scaling `s`.
+        packed: The nf4 data of `Q` (what the base `Linear4bit` holds).
+        quant_state: Its bitsandbytes `QuantState`.
+        lora_A: Initial `A` (r x in), in the adapter dtype.
+        lora_B: Initial `B` (out x r), in the adapter dtype.
+        offset_A: `A_{T-1}` that `Q` was quantized against (`None` after one iteration: `Q = nf4(W)`).
+        offset_B: `B_{T-1}` likewise.
+        qlora_error: `||W - nf4(W)||_F`, plain QLoRA's error (the adapter starts at zero there).
+        loftq_error: `||W - Q - s * B @ A||_F` with the returned `Q`, `A`, `B`.
     """
 
     name: str
@@ -63,7 +63,7 @@ class LoftQResult:
 
     @property
     def ratio(self) -> float:
-        """``loftq_error / qlora_error`` (below 1 when LoftQ helps)."""
+        """`loftq_error / qlora_error` (below 1 when LoftQ helps)."""
         return self.loftq_error / self.qlora_error if self.qlora_error > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,14 +79,14 @@ class LoftQResult:
 
 
 def lora_scaling(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:
-    """PEFT's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    """PEFT's LoRA scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
     return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
 
 
 def offset_target(
     weight: torch.Tensor, scaling: float, offset_B: torch.Tensor, offset_A: torch.Tensor
 ) -> torch.Tensor:
-    """``W - s * B @ A`` in ``W``'s dtype, the product taken in float64 so a rebuild reproduces it bit for bit."""
+    """`W - s * B @ A` in `W`'s dtype, the product taken in float64 so a rebuild reproduces it bit for bit."""
     product = offset_B.to(device=weight.device, dtype=torch.float64) @ offset_A.to(
         device=weight.device, dtype=torch.float64
     )
@@ -96,12 +96,12 @@ def offset_target(
 def _low_rank_factors(
     residual: torch.Tensor, rank: int, scaling: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with ``s * B @ A`` the best rank-``rank`` approximation of ``residual`` (zero-padded if rank-short).
+    """`(A, B)` with `s * B @ A` the best rank-`rank` approximation of `residual` (zero-padded if rank-short).
 
-    The top singular triplets come from the eigendecomposition of the smaller Gram matrix in float64 (``R R^T`` or
-    ``R^T R``): the same truncation as ``torch.linalg.svd`` (to ~1e-6 relative), 3-5x faster on CPU for the shapes
-    of a language model, since only ``r`` of ``min(out, in)`` components are needed. Singular values are split evenly
-    between the factors: ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``.
+    The top singular triplets come from the eigendecomposition of the smaller Gram matrix in float64 (`R R^T` or
+    `R^T R`): the same truncation as `torch.linalg.svd` (to ~1e-6 relative), 3-5x faster on CPU for the shapes
+    of a language model, since only `r` of `min(out, in)` components are needed. Singular values are split evenly
+    between the factors: `B = U_r sqrt(S_r / s)`, `A = sqrt(S_r / s) V_r^T`.
     """
     out_features, in_features = residual.shape
     R = residual.to(torch.float64)
@@ -139,16 +139,16 @@ def loftq_decompose(
     """Run LoftQ on one weight matrix, on the device it is on.
 
     Args:
-        weight: ``W``, out x in, any float dtype (quantized in that dtype, as ``from_pretrained`` would).
-        rank: LoRA rank ``r``.
-        scaling: LoRA scaling ``s``.
+        weight: `W`, out x in, any float dtype (quantized in that dtype, as `from_pretrained` would).
+        rank: LoRA rank `r`.
+        scaling: LoRA scaling `s`.
         spec: The base layer's quantization settings.
-        iters: Alternating steps ``T`` (>= 1).
+        iters: Alternating steps `T` (>= 1).
         adapter_dtype: Dtype the adapter trains in; the factors are rounded to it before measuring the error.
         name: Module path, for the report.
 
     Returns:
-        The :class:`LoftQResult`.
+        The [`LoftQResult`].
     """
     if iters < 1:
         raise ValueError(f"LoftQ needs at least one iteration, got {iters}.")
@@ -194,6 +194,6 @@ def rebuild_quantized(
     offset_B: torch.Tensor | None = None,
     offset_A: Any = None,
 ) -> tuple[torch.Tensor, Any]:
-    """The ``(packed, QuantState)`` LoftQ's base layer holds, from ``W`` and the saved offset factors."""
+    """The `(packed, QuantState)` LoftQ's base layer holds, from `W` and the saved offset factors."""
     target = weight.detach() if offset_A is None else offset_target(weight.detach(), scaling, offset_B, offset_A)
     return spec.quantize(target)

@@ -1,4 +1,4 @@
-"""Saving how a 4-bit base was built (``quantization.json``, LoftQ's offsets), and rebuilding it for a saved adapter."""
+"""Saving how a 4-bit base was built (`quantization.json`, LoftQ's offsets), and rebuilding it for a saved adapter."""
 
 from __future__ import annotations
 
@@ -30,15 +30,15 @@ if TYPE_CHECKING:
     from .preparation import QuantizedBase
 
 QUANT_FILE = "quantization.json"
-"""Written next to the adapter: how the 4-bit base was built (read by :func:`load_quantized_base`)."""
+"""Written next to the adapter: how the 4-bit base was built (read by [`load_quantized_base`])."""
 
 LOFTQ_OFFSETS_FILE = "loftq_offsets.safetensors"
-"""LoftQ's offset factors ``(A_{T-1}, B_{T-1})`` per module, when ``loftq_iter > 1`` (after one iteration ``Q`` is
-plain ``nf4(W)`` and nothing needs saving)."""
+"""LoftQ's offset factors `(A_{T-1}, B_{T-1})` per module, when `loftq_iter > 1` (after one iteration `Q` is
+plain `nf4(W)` and nothing needs saving)."""
 
 
 def base_record(self: QuantizedBase) -> dict[str, Any]:
-    """What :func:`load_quantized_base` needs to rebuild this base."""
+    """What [`load_quantized_base`] needs to rebuild this base."""
     return {
         "format": 1,
         "mode": self.mode,
@@ -64,7 +64,7 @@ def _has_offsets(self: QuantizedBase) -> bool:
 
 
 def save_base(self: QuantizedBase, output_dir: str | os.PathLike[str]) -> None:
-    """Write ``quantization.json`` (and LoftQ's offsets when ``loftq_iter > 1``) into ``output_dir``."""
+    """Write `quantization.json` (and LoftQ's offsets when `loftq_iter > 1`) into `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(output_dir / QUANT_FILE, base_record(self))
@@ -86,20 +86,20 @@ def load_quantized_base(
     quant_skip_towers: list[str] | tuple[str, ...] = DEFAULT_SKIP_TOWERS,
     **model_init_kwargs: Any,
 ) -> nn.Module:
-    """The 4-bit base an adapter trained with ``MMSFTTrainer(quantization=...)`` belongs to, built the same way.
+    """The 4-bit base an adapter trained with `MMSFTTrainer(quantization=...)` belongs to, built the same way.
 
-    With ``adapter_dir`` holding ``quantization.json`` the recorded settings are used: QLoRA loads through
-    bitsandbytes with the same ``BitsAndBytesConfig``; LoftQ (and in-place QLoRA) load in full precision and quantize
-    the same layers with the same settings, ``W - s * B_{T-1} @ A_{T-1}`` for LoftQ modules after several iterations,
-    so the base holds the very ``Q`` the adapter was trained on. Load the adapter onto it with
-    ``PeftModel.from_pretrained(base, adapter_dir)``.
+    With `adapter_dir` holding `quantization.json` the recorded settings are used: QLoRA loads through
+    bitsandbytes with the same `BitsAndBytesConfig`; LoftQ (and in-place QLoRA) load in full precision and quantize
+    the same layers with the same settings, `W - s * B_{T-1} @ A_{T-1}` for LoftQ modules after several iterations,
+    so the base holds the very `Q` the adapter was trained on. Load the adapter onto it with
+    `PeftModel.from_pretrained(base, adapter_dir)`.
 
     Args:
         model: The base checkpoint's path / hub id, or a full-precision model instance (in-place records only).
-        adapter_dir: A directory written by ``MMSFTTrainer.save_model`` (or a checkpoint).
-        quant_compute_dtype: Without a record: the compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        adapter_dir: A directory written by `MMSFTTrainer.save_model` (or a checkpoint).
+        quant_compute_dtype: Without a record: the compute dtype (`"float32"`, `"bfloat16"`, `"float16"`).
         quant_skip_towers: Without a record: towers kept in full precision.
-        **model_init_kwargs: Passed to ``from_pretrained`` (``device_map``, ``revision``, ...).
+        **model_init_kwargs: Passed to `from_pretrained` (`device_map`, `revision`, ...).
 
     Returns:
         The 4-bit model.

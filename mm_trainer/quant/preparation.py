@@ -1,19 +1,19 @@
-"""The 4-bit base of an ``MMSFTTrainer`` run: build it and hand it to PEFT.
+"""The 4-bit base of an `MMSFTTrainer` run: build it and hand it to PEFT.
 
 The trainer calls, in this order:
 
-1. :func:`~mm_trainer.quant.checks.check_peft_config` (before anything is loaded): combinations that cannot work
+1. [`~mm_trainer.quant.checks.check_peft_config`] (before anything is loaded): combinations that cannot work
    fail with the fix.
-2. :func:`quantized_load_kwargs` when ``model`` is a path / id: QLoRA through transformers' public
-   ``BitsAndBytesConfig`` (``llm_int8_skip_modules`` from the tower map of the meta model), or nothing for LoftQ, which
+2. [`quantized_load_kwargs`] when `model` is a path / id: QLoRA through transformers' public
+   `BitsAndBytesConfig` (`llm_int8_skip_modules` from the tower map of the meta model), or nothing for LoftQ, which
    needs the full-precision weights and quantizes after target resolution.
-3. :func:`~mm_trainer.quant.checks.check_loaded_model` on the loaded or passed model: refuses models quantized
+3. [`~mm_trainer.quant.checks.check_loaded_model`] on the loaded or passed model: refuses models quantized
    another way, and keeps bitsandbytes' 4-bit layers on their training path on CPU.
-4. :meth:`QuantizedBase.prepare` after the targets are resolved: in-place quantization of a full-precision instance
-   (with LoftQ on the kept targets), k-bit training preparation, the start-up report (:mod:`.report`).
-5. :meth:`QuantizedBase.install_adapters` after PEFT wrapped the model: adapter dtype, LoftQ's initial factors.
-6. :meth:`QuantizedBase.save` at every save (:mod:`.persistence`): ``quantization.json`` (+ LoftQ offsets), read
-   back by :func:`~mm_trainer.quant.persistence.load_quantized_base`.
+4. [`QuantizedBase.prepare`] after the targets are resolved: in-place quantization of a full-precision instance
+   (with LoftQ on the kept targets), k-bit training preparation, the start-up report ([`.report`]).
+5. [`QuantizedBase.install_adapters`] after PEFT wrapped the model: adapter dtype, LoftQ's initial factors.
+6. [`QuantizedBase.save`] at every save ([`.persistence`]): `quantization.json` (+ LoftQ offsets), read
+   back by [`~mm_trainer.quant.persistence.load_quantized_base`].
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ _INITS_REWRITING_BASE = ("pissa", "olora", "corda")
 
 
 def quantized_load_kwargs(model_id: str, kwargs: dict[str, Any], args: Any) -> dict[str, Any]:
-    """``from_pretrained`` kwargs for loading ``model_id`` under ``args.quantization``.
+    """`from_pretrained` kwargs for loading `model_id` under `args.quantization`.
 
-    QLoRA: adds an nf4 ``BitsAndBytesConfig`` whose ``llm_int8_skip_modules`` are the module paths of
-    ``args.quant_skip_towers``, found on the model built on the meta device from its config. LoftQ: unchanged (full
+    QLoRA: adds an nf4 `BitsAndBytesConfig` whose `llm_int8_skip_modules` are the module paths of
+    `args.quant_skip_towers`, found on the model built on the meta device from its config. LoftQ: unchanged (full
     precision; quantized after target resolution).
 
     Raises:
-        ValueError: The user also gave a ``quantization_config`` (trainer argument or ``model_init_kwargs``).
+        ValueError: The user also gave a `quantization_config` (trainer argument or `model_init_kwargs`).
         BitsAndBytesUnavailableError: bitsandbytes cannot quantize on the training device.
     """
     if kwargs.get("quantization_config") is not None:
@@ -82,8 +82,8 @@ def quantized_load_kwargs(model_id: str, kwargs: dict[str, Any], args: Any) -> d
 
 
 def _training_device(model: nn.Module, device: torch.device) -> torch.device | None:
-    """Where in-place 4-bit layers go: ``device`` when the whole model sits on the CPU and training does not (the
-    Trainer never moves a bitsandbytes model itself), else each weight's own device (``device_map`` loads)."""
+    """Where in-place 4-bit layers go: `device` when the whole model sits on the CPU and training does not (the
+    Trainer never moves a bitsandbytes model itself), else each weight's own device (`device_map` loads)."""
     devices = {p.device.type for p in model.parameters()}
     if devices == {"cpu"} and device.type != "cpu":
         return device
@@ -91,7 +91,7 @@ def _training_device(model: nn.Module, device: torch.device) -> torch.device | N
 
 
 def _rank_and_scaling(peft_config: Any, name: str) -> tuple[int, float]:
-    """The rank and scaling PEFT will give the adapter on ``name`` (rank / alpha patterns, rsLoRA)."""
+    """The rank and scaling PEFT will give the adapter on `name` (rank / alpha patterns, rsLoRA)."""
     rank = peft_config.rank_pattern.get(peft_pattern_key(peft_config.rank_pattern.keys(), name), peft_config.r)
     alpha = peft_config.alpha_pattern.get(
         peft_pattern_key(peft_config.alpha_pattern.keys(), name), peft_config.lora_alpha
@@ -105,18 +105,18 @@ def _adapter_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 
 def prepare_for_kbit_training(model: nn.Module, compute_dtype: torch.dtype) -> dict[str, int]:
-    """k-bit training preparation, PEFT's ``prepare_model_for_kbit_training`` minus what TRL already does.
+    """k-bit training preparation, PEFT's `prepare_model_for_kbit_training` minus what TRL already does.
 
     * Freezes every base parameter.
-    * Casts full-precision parameters (towers kept out of 4-bit, norms, embeddings, ``lm_head``) to float32 when they
+    * Casts full-precision parameters (towers kept out of 4-bit, norms, embeddings, `lm_head`) to float32 when they
       are float16 (PEFT's reason: fp16 norms and heads are unstable), and bfloat16 ones too when the compute dtype
       is float32 (the model then computes in fp32 throughout, without autocast to reconcile dtypes). bfloat16
       parameters stay bfloat16 under a bfloat16 compute dtype: the vision tower of a 7B VLM would double in memory.
     * Gradient checkpointing and input gradients are left to TRL, which enables both for PEFT models
-      (``gradient_checkpointing=True`` is SFTConfig's default).
+      (`gradient_checkpointing=True` is SFTConfig's default).
 
     Returns:
-        ``{"frozen": n, "upcast": m}`` parameter counts.
+        `{"frozen": n, "upcast": m}` parameter counts.
     """
     frozen = upcast = 0
     for param in model.parameters():
@@ -132,7 +132,7 @@ def prepare_for_kbit_training(model: nn.Module, compute_dtype: torch.dtype) -> d
 
 
 def refresh_linears(model: nn.Module, tower_map: TowerMap) -> None:
-    """Mark the layers now 4-bit in ``tower_map.linears`` (paths, towers and unpacked counts do not change)."""
+    """Mark the layers now 4-bit in `tower_map.linears` (paths, towers and unpacked counts do not change)."""
     modules = dict(model.named_modules())
     for name, info in list(tower_map.linears.items()):
         module = modules.get(name)
@@ -145,23 +145,23 @@ class QuantizedBase:
     """How the base model of a run is quantized, and what LoftQ solved.
 
     Attributes:
-        mode: ``"qlora"``, ``"loftq"``, or ``None`` for a bitsandbytes 4-bit model passed with ``quantization``
-            unset (reported, otherwise trained exactly as ``SFTTrainer`` would).
-        method: ``"from_pretrained"`` (bitsandbytes quantized at load: by path, or the user's own load) or
-            ``"in_place"`` (mm-trainer replaced the full-precision linears).
+        mode: `"qlora"`, `"loftq"`, or `None` for a bitsandbytes 4-bit model passed with `quantization`
+            unset (reported, otherwise trained exactly as `SFTTrainer` would).
+        method: `"from_pretrained"` (bitsandbytes quantized at load: by path, or the user's own load) or
+            `"in_place"` (mm-trainer replaced the full-precision linears).
         spec: The 4-bit settings.
         skip_towers: Towers kept in full precision (as asked).
-        skip_modules: Their module paths (``llm_int8_skip_modules``).
+        skip_modules: Their module paths (`llm_int8_skip_modules`).
         quantized: Paths of the 4-bit layers.
         adapter_dtype: Dtype the adapters train in.
-        init: The adapters' initialisation (``"loftq"``, ``"default"``, ``"olora"``, ...).
+        init: The adapters' initialisation (`"loftq"`, `"default"`, `"olora"`, ...).
         loftq_iter: LoftQ's alternating steps (0 without LoftQ).
         loftq: LoftQ's solution per module.
         load_dtype: Dtype the full-precision weights were quantized from.
-        base_model: ``config.name_or_path`` of the base.
+        base_model: `config.name_or_path` of the base.
         tower_rows: Per tower: linear layers, 4-bit layers, parameters, 4-bit parameters.
         linear_bytes: Resident bytes of the 4-bit layers, and what they would hold in bf16.
-        kbit_preparation: Parameter counts frozen / upcast by :func:`prepare_for_kbit_training`.
+        kbit_preparation: Parameter counts frozen / upcast by [`prepare_for_kbit_training`].
     """
 
     mode: str | None
@@ -183,11 +183,11 @@ class QuantizedBase:
     # -----------------------------------------------------------------------------------------------------------------
     @classmethod
     def prepare(cls, model: nn.Module, args: Any, plan: Any, tower_map: TowerMap) -> QuantizedBase | None:
-        """Make ``model`` the 4-bit base the run trains on; ``None`` when the run is not quantized.
+        """Make `model` the 4-bit base the run trains on; `None` when the run is not quantized.
 
-        A full-precision model is quantized in place: every ``nn.Linear`` outside ``args.quant_skip_towers``
-        becomes an nf4 ``Linear4bit``; with ``quantization="loftq"`` the kept targets of ``plan`` get LoftQ's ``Q``
-        and their initial factors are held for :meth:`install_adapters`. A bitsandbytes 4-bit model is taken as it is.
+        A full-precision model is quantized in place: every `nn.Linear` outside `args.quant_skip_towers`
+        becomes an nf4 `Linear4bit`; with `quantization="loftq"` the kept targets of `plan` get LoftQ's `Q`
+        and their initial factors are held for [`install_adapters`]. A bitsandbytes 4-bit model is taken as it is.
         Then k-bit training preparation, the tower map's 4-bit flags, and the start-up report.
         """
         method_now = quantization_method(model)
@@ -253,7 +253,7 @@ class QuantizedBase:
         return base
 
     def _quantize(self, model: nn.Module, modules: dict[str, nn.Module], tower_map: TowerMap, plan: Any, args: Any):
-        """Replace the language linears by 4-bit layers; LoftQ for the kept targets under ``quantization="loftq"``."""
+        """Replace the language linears by 4-bit layers; LoftQ for the kept targets under `quantization="loftq"`."""
         from tqdm.auto import tqdm
 
         names = quantizable_linears(tower_map, modules, self.skip_towers)
@@ -315,7 +315,7 @@ class QuantizedBase:
 
     # -----------------------------------------------------------------------------------------------------------------
     def install_adapters(self, peft_model: nn.Module, adapter_name: str = "default") -> None:
-        """After PEFT wrapped the model: adapters in :attr:`adapter_dtype`, LoftQ's factors in place.
+        """After PEFT wrapped the model: adapters in [`adapter_dtype`], LoftQ's factors in place.
 
         TRL casts a 4-bit run's trainable parameters to bf16; with a float32 compute dtype they go back to float32
         (bf16 adapters would only lose the precision the compute dtype keeps, and round LoftQ's factors).
@@ -350,13 +350,13 @@ class QuantizedBase:
 
     # -----------------------------------------------------------------------------------------------------------------
     def audit_section(self) -> dict[str, Any]:
-        """The audit's ``quantization`` section (JSON-ready); see :func:`.report.audit_section`."""
+        """The audit's `quantization` section (JSON-ready); see [`.report.audit_section`]."""
         return report.audit_section(self)
 
     def print_report(self) -> None:
-        """The start-up report; see :func:`.report.print_report`."""
+        """The start-up report; see [`.report.print_report`]."""
         report.print_report(self)
 
     def save(self, output_dir: str | os.PathLike[str]) -> None:
-        """Write ``quantization.json`` (and LoftQ's offsets); see :func:`.persistence.save_base`."""
+        """Write `quantization.json` (and LoftQ's offsets); see [`.persistence.save_base`]."""
         persistence.save_base(self, output_dir)

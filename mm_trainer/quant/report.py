@@ -1,4 +1,4 @@
-"""What a 4-bit base holds, in words and numbers: the start-up report and the audit's ``quantization`` section."""
+"""What a 4-bit base holds, in words and numbers: the start-up report and the audit's `quantization` section."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def loftq_totals(loftq: dict[str, LoftQResult]) -> dict[str, float]:
 
 
 def audit_section(self: QuantizedBase) -> dict[str, Any]:
-    """The audit's ``quantization`` section (JSON-ready)."""
+    """The audit's `quantization` section (JSON-ready)."""
     section: dict[str, Any] = {
         "mode": self.mode,
         "method": self.method,

@@ -1,10 +1,10 @@
-"""``MMTrainerCallback``: how :class:`~mm_trainer.MMSFTTrainer` follows the Trainer's loop through public hooks.
+"""`MMTrainerCallback`: how [`~mm_trainer.MMSFTTrainer`] follows the Trainer's loop through public hooks.
 
-- ``on_train_begin`` comes after ``accelerator.prepare``: FSDP2 has replaced every parameter by a sharded one by then
+- `on_train_begin` comes after `accelerator.prepare`: FSDP2 has replaced every parameter by a sharded one by then
   and DeepSpeed owns the optimizer, so the trainer re-binds its adapters (telemetry, audit, IMoD, dominance rate) to
-  the parameters of the prepared model there (:meth:`~mm_trainer.MMSFTTrainer.bind_prepared_model`).
-- ``on_save`` comes after the Trainer wrote every file of a ``checkpoint-N`` folder (adapter, optimizer, RNG, trainer
-  state): the trainer marks the checkpoint complete there, last (:meth:`~mm_trainer.MMSFTTrainer.mark_checkpoint_complete`).
+  the parameters of the prepared model there ([`~mm_trainer.MMSFTTrainer.bind_prepared_model`]).
+- `on_save` comes after the Trainer wrote every file of a `checkpoint-N` folder (adapter, optimizer, RNG, trainer
+  state): the trainer marks the checkpoint complete there, last ([`~mm_trainer.MMSFTTrainer.mark_checkpoint_complete`]).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..utils.checkpoints import checkpoint_dir
 
 
 class MMTrainerCallback(TrainerCallback):
-    """Connects an :class:`~mm_trainer.MMSFTTrainer` to the training loop (added by the trainer itself).
+    """Connects an [`~mm_trainer.MMSFTTrainer`] to the training loop (added by the trainer itself).
 
     Args:
         trainer: The trainer (held by a weak reference: the trainer owns its callbacks).

@@ -1,4 +1,4 @@
-"""``MMSFTConfig``: TRL's ``SFTConfig`` plus the multimodal settings of :class:`~mm_trainer.MMSFTTrainer`."""
+"""`MMSFTConfig`: TRL's `SFTConfig` plus the multimodal settings of [`~mm_trainer.MMSFTTrainer`]."""
 
 from __future__ import annotations
 
@@ -244,11 +244,11 @@ class MultimodalArguments:
 
     @classmethod
     def extend(cls, args: TrainingArguments, **changes: Any) -> Any:
-        """A new config of this class with every field value of ``args`` (a ``TrainingArguments``, a TRL config or an
-        mm-trainer config), the fields ``args`` lacks at their defaults, and ``changes`` applied.
+        """A new config of this class with every field value of `args` (a `TrainingArguments`, a TRL config or an
+        mm-trainer config), the fields `args` lacks at their defaults, and `changes` applied.
 
-        Built through the dataclass fields (values are deep-copied, so ``args`` is never touched, and the hub token,
-        which ``to_dict()`` hides, is kept); ``__post_init__`` validates the result as for a config built by hand.
+        Built through the dataclass fields (values are deep-copied, so `args` is never touched, and the hub token,
+        which `to_dict()` hides, is kept); `__post_init__` validates the result as for a config built by hand.
         """
         own = {f.name for f in fields(cls) if f.init}
         values = {f.name: copy.deepcopy(getattr(args, f.name)) for f in fields(args) if f.init and f.name in own}

@@ -18,13 +18,13 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def weights_for_generation(model: Any) -> Iterator[None]:
-    """Make ``model``'s weights usable by ``generate`` for the duration of the block.
+    """Make `model`'s weights usable by `generate` for the duration of the block.
 
-    Under DeepSpeed ZeRO-3 a model partitioned at load (``zero3_init_flag``) holds empty local weights until the
+    Under DeepSpeed ZeRO-3 a model partitioned at load (`zero3_init_flag`) holds empty local weights until the
     engine wraps it; then the engine's hooks gather each module's weights in its forward. Before that, this gathers
-    every weight on every rank (``deepspeed.zero.GatheredParameters``, read-only) and partitions them again after the
+    every weight on every rank (`deepspeed.zero.GatheredParameters`, read-only) and partitions them again after the
     block: the whole model must fit on each device for that time. Every rank must enter the block (a collective), and
-    ``generate`` then runs with ``synced_gpus`` (transformers' default under ZeRO-3). Elsewhere it does nothing.
+    `generate` then runs with `synced_gpus` (transformers' default under ZeRO-3). Elsewhere it does nothing.
     """
     if not is_zero3_partitioned(model) or hasattr(model, "ds_id"):  # not partitioned, or the engine's hooks gather
         yield
@@ -58,16 +58,16 @@ def generate_answers(
     batch_size: int = 16,
     desc: str = "generating",
 ) -> list[str]:
-    """Greedy completions of each row's chat prompt (its ``messages`` minus the final assistant turn).
+    """Greedy completions of each row's chat prompt (its `messages` minus the final assistant turn).
 
-    Rows with ``images`` go through the processor with their images; others through the tokenizer.
+    Rows with `images` go through the processor with their images; others through the tokenizer.
 
     Args:
         model: A causal or image-text-to-text model (PEFT-wrapped or not).
         processing_class: Its tokenizer or processor.
-        rows: Dataset rows with ``messages`` (and optionally ``images``).
+        rows: Dataset rows with `messages` (and optionally `images`).
         max_new_tokens: Generation budget per answer.
-        batch_size: Prompts per ``generate`` call.
+        batch_size: Prompts per `generate` call.
         desc: Progress-bar label.
 
     Returns:
@@ -127,13 +127,13 @@ def exact_match_accuracy(
     batch_size: int = 16,
     desc: str = "exact match",
 ) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers against ``row[answer_column]``, with the shipped ``exact_match`` metric.
+    """Exact-match accuracy of greedy answers against `row[answer_column]`, with the shipped `exact_match` metric.
 
     Args:
         extract: Maps a generated answer to the string compared with the reference (e.g. the final number).
 
     Returns:
-        ``{"exact_match": float, "predictions": [...], "references": [...], "generations": [...]}``.
+        `{"exact_match": float, "predictions": [...], "references": [...], "generations": [...]}`.
     """
     generations = generate_answers(
         model, processing_class, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc

@@ -3,7 +3,7 @@
 TRL's trainers load a path and wrap it with PEFT in one go (TRL 1.16 has no hook between the two), but the tower map,
 the reachability probe and the 4-bit preparation need the loaded model before PEFT wraps it. So the load happens
 here, with TRL's own `create_model_from_path` (its dtype, device-map and architecture defaults) and the arguments the
-trainer would pass it (the rules TRL applies to them are listed in [`~mm_trainer.upstream.MIRRORS`] and pinned by
+trainer would pass it (the rules TRL applies to them are listed in [`~mm_trainer.upstream.UPSTREAM`] (kind `mirror`) and pinned by
 `tests/test_trainer.py`: the loaded model equals the one `SFTTrainer` loads itself). mm-trainer adds only the 4-bit
 load arguments ([`~mm_trainer.quant.quantized_load_kwargs`]) and, where towers are to be released, leaves them
 unloaded ([`~mm_trainer.model.loading`]).

@@ -1,13 +1,13 @@
-"""TRL's own errors on the input a trainer is given, so that ``MMSFTTrainer`` fails exactly where ``SFTTrainer`` does.
+"""TRL's own errors on the input a trainer is given, so that `MMSFTTrainer` fails exactly where `SFTTrainer` does.
 
-``MMSFTTrainer`` does its planning (tower map, modality profile, probe) before ``SFTTrainer.__init__`` runs. On input
+`MMSFTTrainer` does its planning (tower map, modality profile, probe) before `SFTTrainer.__init__` runs. On input
 that TRL refuses, mm-trainer would otherwise raise its own error first, with other words, and code that matches on
-TRL's message (``pytest.raises(ValueError, match="vision-related")``, a ``try`` around the trainer) breaks. So the
-trainer asks :func:`sft_init_error` which error TRL's ``SFTTrainer.__init__`` raises on this input *before* it wraps
+TRL's message (`pytest.raises(ValueError, match="vision-related")`, a `try` around the trainer) breaks. So the
+trainer asks [`sft_init_error`] which error TRL's `SFTTrainer.__init__` raises on this input *before* it wraps
 the model with PEFT, raises that one unchanged when mm-trainer has nothing to add, and otherwise raises it with
-mm-trainer's own hint appended after TRL's words (:func:`with_hint`): same type, same message prefix.
+mm-trainer's own hint appended after TRL's words ([`with_hint`]): same type, same message prefix.
 
-The conditions follow ``trl/trainer/sft_trainer.py`` (TRL 1.16) in its order; ``tests/test_trl_wording.py`` runs every
+The conditions follow `trl/trainer/sft_trainer.py` (TRL 1.16) in its order; `tests/test_trl_wording.py` runs every
 case through both trainers and compares the exception type and the message prefix, so a TRL upgrade that changes
 any of them fails there.
 """
@@ -25,16 +25,16 @@ HINT_PREFIX = " [mm-trainer] "
 def sft_init_error(
     model: Any, args: Any, train_dataset: Any, processing_class: Any, peft_config: Any
 ) -> Exception | None:
-    """The exception ``SFTTrainer.__init__`` raises on this input before PEFT wraps the model, or ``None``.
+    """The exception `SFTTrainer.__init__` raises on this input before PEFT wraps the model, or `None`.
 
     Call it once the model is loaded and the processing class resolved (as TRL has them at these checks).
 
     Args:
         model: The loaded model.
-        args: The trainer's ``SFTConfig`` (or subclass).
+        args: The trainer's `SFTConfig` (or subclass).
         train_dataset: The training dataset as given.
         processing_class: The resolved tokenizer or processor.
-        peft_config: The PEFT config as given (``None`` without PEFT).
+        peft_config: The PEFT config as given (`None` without PEFT).
     """
     from datasets import Dataset, IterableDataset
 
@@ -97,7 +97,7 @@ def sft_init_error(
 
 
 def with_hint(trl_error: Exception, hint: BaseException | str) -> Exception:
-    """``trl_error``'s type and message, followed by mm-trainer's ``hint``."""
+    """`trl_error`'s type and message, followed by mm-trainer's `hint`."""
     text = str(hint.args[0]) if isinstance(hint, BaseException) and hint.args else str(hint)
     message = str(trl_error.args[0]) if trl_error.args else str(trl_error)
     return type(trl_error)(f"{message}{HINT_PREFIX}{text}")

@@ -35,25 +35,25 @@ def build_probe_batch(
 ) -> dict[str, Any]:
     """Collate raw dataset rows into a model batch, the way TRL will at training time.
 
-    Rows with images go through TRL's ``DataCollatorForVisionLanguageModeling``; rows with audio through the
-    processor's ``audio=`` argument; text rows are tokenized (``input_ids``, chat ``messages``, ``prompt`` /
-    ``completion`` or a text field, with the EOS TRL appends to plain text) and go through TRL's
-    ``DataCollatorForLanguageModeling``, with the trainer's padding settings.
+    Rows with images go through TRL's `DataCollatorForVisionLanguageModeling`; rows with audio through the
+    processor's `audio=` argument; text rows are tokenized (`input_ids`, chat `messages`, `prompt` /
+    `completion` or a text field, with the EOS TRL appends to plain text) and go through TRL's
+    `DataCollatorForLanguageModeling`, with the trainer's padding settings.
 
     Args:
         rows: Raw rows of the training dataset.
         processing_class: The tokenizer or processor given to the trainer.
         dataset_text_field: Column holding plain text.
-        max_length: Truncate each sequence to this many tokens (``None``: no truncation).
+        max_length: Truncate each sequence to this many tokens (`None`: no truncation).
         padding_free: The trainer's padding-free mode (one flattened sequence, no attention mask).
-        pad_to_multiple_of: The trainer's ``pad_to_multiple_of``.
-        completion_only_loss: Loss on the completion only for prompt-completion rows (``None``: as TRL, on when
-            the rows have ``prompt`` and ``completion``).
+        pad_to_multiple_of: The trainer's `pad_to_multiple_of`.
+        completion_only_loss: Loss on the completion only for prompt-completion rows (`None`: as TRL, on when
+            the rows have `prompt` and `completion`).
         model_config: The model's config; video rows get a probe clip built from it (see
-            :mod:`mm_trainer.model.video_probe`).
+            [`mm_trainer.model.video_probe`]).
 
     Returns:
-        A batch with ``input_ids``, ``attention_mask``, ``labels`` and media features where present.
+        A batch with `input_ids`, `attention_mask`, `labels` and media features where present.
     """
     if not rows:
         raise ValueError("No rows to build a probe batch from.")

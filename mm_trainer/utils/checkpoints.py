@@ -1,19 +1,19 @@
 """Checkpoint completeness, and which checkpoint a resume may start from.
 
-A ``checkpoint-N`` folder is written in this order: the adapter (``save_model``), mm-trainer's files (state, 4-bit
-recipe, audit; each atomic), the optimizer / scheduler / RNG files, ``trainer_state.json``, then checkpoint rotation
-(``save_total_limit``), then the ``on_save`` callback, where mm-trainer writes :data:`COMPLETE_MARKER` last,
-atomically, with the size of every file the folder holds. A kill at any point before ``trainer_state.json`` leaves a
-folder without it; a marker is removed before a folder is written again (a resumed run re-saving ``checkpoint-N``).
+A `checkpoint-N` folder is written in this order: the adapter (`save_model`), mm-trainer's files (state, 4-bit
+recipe, audit; each atomic), the optimizer / scheduler / RNG files, `trainer_state.json`, then checkpoint rotation
+(`save_total_limit`), then the `on_save` callback, where mm-trainer writes [`COMPLETE_MARKER`] last,
+atomically, with the size of every file the folder holds. A kill at any point before `trainer_state.json` leaves a
+folder without it; a marker is removed before a folder is written again (a resumed run re-saving `checkpoint-N`).
 
-What counts as complete (:func:`checkpoint_problem` returns ``None``):
+What counts as complete ([`checkpoint_problem`] returns `None`):
 
 - With a marker: every file it lists exists with the size it lists.
-- Without a marker: ``trainer_state.json`` exists and parses as a JSON object. This covers checkpoints written by
+- Without a marker: `trainer_state.json` exists and parses as a JSON object. This covers checkpoints written by
   plain transformers / TRL or by an mm-trainer before the marker existed, and the one window where mm-trainer's own
-  checkpoint is finished but unmarked: a kill between the Trainer's rotation (which runs *before* ``on_save``) and
-  the marker. With ``save_total_limit=1`` that checkpoint is the only one left; refusing it would leave nothing to
-  resume from although every file of it was written (``trainer_state.json`` is the Trainer's last file).
+  checkpoint is finished but unmarked: a kill between the Trainer's rotation (which runs *before* `on_save`) and
+  the marker. With `save_total_limit=1` that checkpoint is the only one left; refusing it would leave nothing to
+  resume from although every file of it was written (`trainer_state.json` is the Trainer's last file).
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ class IncompleteCheckpointError(ValueError):
 
 
 def write_complete_marker(checkpoint: Path, global_step: int) -> None:
-    """Mark ``checkpoint`` complete: record its step and the size of every file it holds, atomically.
+    """Mark `checkpoint` complete: record its step and the size of every file it holds, atomically.
 
     Args:
-        checkpoint: The ``checkpoint-N`` folder, every file of which is written.
+        checkpoint: The `checkpoint-N` folder, every file of which is written.
         global_step: The optimizer step it was saved at.
     """
     files = {
@@ -66,8 +66,8 @@ def write_complete_marker(checkpoint: Path, global_step: int) -> None:
 
 
 def unmark_checkpoint(folder: Path) -> None:
-    """Before ``folder`` is written (again): remove its marker, and the temporary files an atomic write cut short by a
-    kill left there (``.<name>.<random>.tmp``). A no-op for folders not named ``checkpoint-N``."""
+    """Before `folder` is written (again): remove its marker, and the temporary files an atomic write cut short by a
+    kill left there (`.<name>.<random>.tmp`). A no-op for folders not named `checkpoint-N`."""
     if not _CHECKPOINT.match(folder.name) or not folder.is_dir():
         return
     (folder / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -86,13 +86,13 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 
 def checkpoint_step(folder: Path) -> int | None:
-    """The step ``N`` of a ``checkpoint-N`` folder, ``None`` for another name."""
+    """The step `N` of a `checkpoint-N` folder, `None` for another name."""
     match = _CHECKPOINT.match(folder.name)
     return int(match.group(1)) if match else None
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete checkpoint (see the module docstring), or ``None`` when it is."""
+    """Why `folder` is not a complete checkpoint (see the module docstring), or `None` when it is."""
     if not folder.is_dir():
         return "it is not a directory"
     marker = folder / COMPLETE_MARKER
@@ -125,7 +125,7 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The ``checkpoint-N`` folders of ``output_dir``, oldest step first."""
+    """The `checkpoint-N` folders of `output_dir`, oldest step first."""
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if checkpoint_step(p) is not None and p.is_dir()]
@@ -133,10 +133,10 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def newest_complete_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint of ``output_dir`` and the newer unfinished ones skipped (with why).
+    """The newest complete checkpoint of `output_dir` and the newer unfinished ones skipped (with why).
 
     Returns:
-        ``(checkpoint or None, [(skipped folder, problem), ...])``, skipped newest first.
+        `(checkpoint or None, [(skipped folder, problem), ...])`, skipped newest first.
     """
     skipped: list[tuple[Path, str]] = []
     for folder in reversed(list_checkpoints(output_dir)):
@@ -148,13 +148,13 @@ def newest_complete_checkpoint(output_dir: Path) -> tuple[Path | None, list[tupl
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint: Any, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from for ``Trainer.train(resume_from_checkpoint=...)``.
+    """The checkpoint to resume from for `Trainer.train(resume_from_checkpoint=...)`.
 
-    ``True`` takes the newest complete checkpoint of ``output_dir`` (logging the unfinished ones it skips); a path is
-    checked and refused when unfinished; anything else (``None``, ``False``) is ``None``.
+    `True` takes the newest complete checkpoint of `output_dir` (logging the unfinished ones it skips); a path is
+    checked and refused when unfinished; anything else (`None`, `False`) is `None`.
 
     Raises:
-        ValueError: ``True`` and no complete checkpoint in ``output_dir``.
+        ValueError: `True` and no complete checkpoint in `output_dir`.
         IncompleteCheckpointError: A named checkpoint that is not complete (the message names the last complete one).
     """
     output_dir = Path(output_dir)

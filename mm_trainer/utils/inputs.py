@@ -8,17 +8,17 @@ from typing import Any
 
 
 def looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` can only be a local path, never a Hub id (``name`` or ``namespace/name``)."""
+    """Whether `name` can only be a local path, never a Hub id (`name` or `namespace/name`)."""
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".json")
 
 
 def check_model_path(model: Any) -> None:
     """Refuse a model given as a local path that does not exist.
 
-    transformers would report it as ``Repo id must be in the form 'repo_name' or 'namespace/repo_name'``.
+    transformers would report it as `Repo id must be in the form 'repo_name' or 'namespace/repo_name'`.
 
     Raises:
-        FileNotFoundError: ``model`` is a string that can only be a local path, and nothing is there.
+        FileNotFoundError: `model` is a string that can only be a local path, and nothing is there.
     """
     if not isinstance(model, (str, os.PathLike)):
         return

@@ -9,8 +9,8 @@ from typing import Any
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with tensors, sets, tuples, paths and numpy scalars made JSON-ready; NaN / infinity become the
-    strings ``"nan"`` / ``"inf"`` / ``"-inf"`` (strict JSON has no such numbers)."""
+    """`value` with tensors, sets, tuples, paths and numpy scalars made JSON-ready; NaN / infinity become the
+    strings `"nan"` / `"inf"` / `"-inf"` (strict JSON has no such numbers)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, enum.Enum):

@@ -1,6 +1,6 @@
 """Exact match: the share of predictions equal to their reference, after optional normalisation.
 
-Shipped with mm_trainer so ``evaluate.load(path)`` works offline (``evaluate.load("exact_match")`` fetches the metric
+Shipped with mm_trainer so `evaluate.load(path)` works offline (`evaluate.load("exact_match")` fetches the metric
 script from the Hugging Face Hub).
 """
 

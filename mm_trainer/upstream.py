@@ -126,6 +126,17 @@ UPSTREAM: tuple[UpstreamUse, ...] = (
         (),
         "tests/test_quant.py",
     ),
+    UpstreamUse(
+        "transformers",
+        "mirror",
+        (),
+        "transformers.trainer_utils:PREFIX_CHECKPOINT_DIR",
+        "mm_trainer/utils/checkpoints.py (CHECKPOINT_PREFIX)",
+        "The Trainer names a checkpoint folder `<PREFIX_CHECKPOINT_DIR>-<step>`; mm-trainer reads folder names in "
+        "code that must not import transformers (the `mm-trainer audit` command starts in well under a second).",
+        (),
+        "tests/test_upstream.py::test_checkpoint_prefix_is_the_trainers",
+    ),
     # -- TRL ---------------------------------------------------------------------------------------------------------
     UpstreamUse(
         "trl",

@@ -219,3 +219,12 @@ def f(model, config):
         ("attribute", "_parameters"),
         ("string", "_name_or_path"),
     }, uses
+
+
+def test_checkpoint_prefix_is_the_trainers():
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from mm_trainer.utils.checkpoints import CHECKPOINT_PREFIX, checkpoint_dir, checkpoint_step
+
+    assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR
+    assert checkpoint_step(checkpoint_dir("out", 12)) == 12

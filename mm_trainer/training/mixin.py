@@ -99,7 +99,7 @@ class MMTrainerMixin:
             probe_batch: Builds the probe batch with the trainer's collator (`None`: no probe).
             input_error: The error the TRL trainer raises on this input before it wraps the model, if any: raised
                 before any planning, with mm-trainer's hint when mm-trainer would refuse the input too.
-            with_hint: Combines TRL's error with mm-trainer's (required with `input_error`).
+            with_hint: Combines TRL's error with mm-trainer's (without it, TRL's error is raised as it is).
         """
         engine = detect_engine(args)
         check_peft_config(args.quantization, peft_config, model)
@@ -120,7 +120,7 @@ class MMTrainerMixin:
         except (TypeError, ValueError) as err:
             if trl_error is None:
                 raise
-            raise with_hint(trl_error, err) from err
+            raise (with_hint(trl_error, err) if with_hint is not None else trl_error) from err
         if trl_error is not None:
             raise trl_error
         plan = RunPlan(engine, profile, tower_map, released_towers=released)

@@ -25,8 +25,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
 from .atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -40,7 +38,11 @@ MARKER_FORMAT = 1
 TRAINER_STATE = "trainer_state.json"
 """The file the Trainer writes last into a checkpoint."""
 
-_CHECKPOINT = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
+CHECKPOINT_PREFIX = "checkpoint"
+"""transformers' `PREFIX_CHECKPOINT_DIR`: a checkpoint folder is `<output_dir>/checkpoint-<step>` (mirrored, so that
+reading a folder name does not import transformers; `tests/test_upstream.py` pins that both agree)."""
+
+_CHECKPOINT = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}-(\d+)$")
 _MAX_STATE_BYTES = 256 * 2**20  # a trainer_state.json larger than this is not read to judge completeness
 
 
@@ -77,7 +79,7 @@ def unmark_checkpoint(folder: Path) -> None:
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     """The folder the Trainer saves the checkpoint of optimizer step `step` to (`<output_dir>/checkpoint-<step>`)."""
-    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{int(step)}"
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}-{int(step)}"
 
 
 def is_checkpoint_dir(path: Path) -> bool:

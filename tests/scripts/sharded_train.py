@@ -64,8 +64,8 @@ class StepTimes(TrainerCallback):
 
 
 def engine_name(trainer: Any) -> str:
-    """The engine mm-trainer's core trains under (`Engine.name`), checked against what the Trainer really runs:
-    ``ddp``, ``fsdp2`` (or ``fsdp1``), ``zero2``/``zero3``, or ``single``."""
+    """What the Trainer really runs: ``ddp``, ``fsdp2`` (or ``fsdp1``), ``zero2``/``zero3``, or ``single``; for an
+    MMSFTTrainer checked against the engine its core trains under (`Engine.name`), which must be the same."""
     if trainer.is_deepspeed_enabled:
         ran = f"zero{trainer.model_wrapped.zero_optimization_stage()}"
     elif trainer.is_fsdp_enabled:
@@ -74,10 +74,10 @@ def engine_name(trainer: Any) -> str:
         ran = "fsdp2" if isinstance(trainer.model, FSDPModule) else "fsdp1"
     else:
         ran = "ddp" if trainer.accelerator.num_processes > 1 else "single"
-    name = trainer.mm.engine.name
-    if name != ran:
-        raise RuntimeError(f"mm-trainer's engine is {name!r} but the Trainer runs {ran!r}")
-    return name
+    mm = getattr(trainer, "mm", None)  # None for TRL's own SFTTrainer (the benchmark's reference jobs)
+    if mm is not None and mm.engine.name != ran:
+        raise RuntimeError(f"mm-trainer's engine is {mm.engine.name!r} but the Trainer runs {ran!r}")
+    return ran
 
 
 def run_unseen(out: Path, steps: int) -> None:

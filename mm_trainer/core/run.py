@@ -27,6 +27,7 @@ from ..audit.raw_loss import RawLoss
 from ..audit.report import AuditInputs
 from ..imod import ModalityBalance
 from ..model.adapters import LoraAdapter, lora_adapters
+from ..model.peft_names import peft_method
 from ..quant import initialize_eva
 from ..utils.atomic import atomic_write_json
 from ..utils.checkpoints import is_checkpoint_dir, write_complete_marker
@@ -397,13 +398,6 @@ class MultimodalCore:
                 self.auditor.print_summary()
         if self.modality_balance is not None:
             self.modality_balance.warn_if_unused()
-
-
-def peft_method(peft_config: Any) -> str:
-    """The PEFT method's name (`LoRA`, `IA3`, `LoHa`, ...) of a config."""
-    peft_type = getattr(peft_config, "peft_type", None)
-    name = str(getattr(peft_type, "value", peft_type) or type(peft_config).__name__.removesuffix("Config"))
-    return "LoRA" if name.upper() == "LORA" else name
 
 
 def _warn_if_not_audited(adapters: list[LoraAdapter], peft_config: Any, args: Any) -> None:

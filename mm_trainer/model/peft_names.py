@@ -25,6 +25,13 @@ def is_peft_model(model: object) -> bool:
     return isinstance(model, PeftModel)
 
 
+def peft_method(peft_config: object) -> str:
+    """The PEFT method's name of a config: `LoRA`, `IA3`, `LoHa`, ... (from its `peft_type`, else its class name)."""
+    peft_type = getattr(peft_config, "peft_type", None)
+    name = str(getattr(peft_type, "value", peft_type) or type(peft_config).__name__.removesuffix("Config"))
+    return "LoRA" if name.upper() == "LORA" else name
+
+
 def peft_path(name: str) -> str:
     """The path of base-model module `name` inside a `PeftModel`."""
     return PEFT_PREFIX + name

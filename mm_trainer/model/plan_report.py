@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .peft_names import peft_method
 from .targets import TargetPlan
 
 
@@ -19,18 +20,9 @@ def human(n: float) -> str:
     return str(int(n))
 
 
-def peft_method(plan: TargetPlan) -> str:
-    """The PEFT method of the plan's config: `LoRA`, `IA3`, `LoHa`, ... (`LoRA` for the CLI's spec)."""
-    peft_type = getattr(plan.peft_config, "peft_type", None)
-    name = getattr(peft_type, "value", peft_type)
-    if not name:
-        return "LoRA"
-    return "LoRA" if str(name).upper() == "LORA" else str(name)
-
-
 def _budget(plan: TargetPlan) -> str:
     """What the parameter columns count: LoRA at the plan's rank (an estimate for other methods)."""
-    method = peft_method(plan)
+    method = peft_method(plan.peft_config)
     return (
         f"LoRA r={plan.rank}" if method == "LoRA" else f"{method}; parameter columns estimated as LoRA r={plan.rank}"
     )
@@ -78,9 +70,9 @@ def plan_summary(plan: TargetPlan) -> str:
     total = sum(d.lora_params for d in plan.decisions)
     dead = sum(d.lora_params for d in plan.decisions if d.dead)
     kept = sum(d.lora_params for d in plan.decisions if d.kept)
-    unit = "LoRA params" if peft_method(plan) == "LoRA" else "params if it were LoRA"
+    unit = "LoRA params" if peft_method(plan.peft_config) == "LoRA" else "params if it were LoRA"
     return (
-        f"{peft_method(plan)} target_modules={plan.user_target_modules!r} matches {len(plan.decisions)} modules "
+        f"{peft_method(plan.peft_config)} target_modules={plan.user_target_modules!r} matches {len(plan.decisions)} modules "
         f"({human(total)} {unit}); {human(dead)} ({plan.wasted_share():.1%}) would sit on modules the data never "
         f"reaches. Adapting {len(plan.kept())} modules, {human(kept)} {unit}."
     )
